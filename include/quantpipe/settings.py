@@ -1,0 +1,161 @@
+"""Typed settings for every stage, validated at the edge.
+
+This module is the one place that defines each default. The DAG builds its
+trigger-form ``Param``s from these models, so the form, the API and the library
+agree on names, bounds and defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["gptq", "awq", "fp8", "w8a8"]
+METHODS: tuple[str, ...] = ("gptq", "awq", "fp8", "w8a8")
+BITS_BY_METHOD: dict[str, tuple[int, ...]] = {"gptq": (4, 8), "awq": (4,), "fp8": (8,), "w8a8": (8,)}
+GROUP_SIZES: tuple[int, ...] = (32, 64, 96, 128, 192)
+GROUPED_METHODS = ("gptq", "awq")
+DEFAULT_MODEL_URI = "builtin://smollm2-135m-instruct"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantSettings(_Frozen):
+    """What to quantize and how. ``scheme`` is derived from method and bits."""
+
+    method: Method = Field("gptq", title="Quantization method",
+                           description="gptq (W4A16/W8A16), awq (W4A16 asymmetric), fp8 (FP8 dynamic), "
+                                       "w8a8 (SmoothQuant + GPTQ int8)")
+    bits: int = Field(4, title="Weight bits", description="4 or 8 for gptq, 4 for awq, 8 for fp8 and w8a8")
+    group_size: int = Field(64, title="Group size",
+                            description="Weights per quantization group (gptq/awq). Must divide every "
+                                        "quantized layer's input width; checked against the checkpoint.")
+    ignore: tuple[str, ...] = Field(("lm_head",), title="Modules kept unquantized")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, title="GPTQ dampening fraction")
+    smoothing_strength: float = Field(0.8, gt=0, lt=1, title="SmoothQuant strength (w8a8)")
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "QuantSettings":
+        allowed = BITS_BY_METHOD[self.method]
+        if self.bits not in allowed:
+            raise ValueError(f"method {self.method!r} does not support {self.bits}-bit weights; "
+                             f"choose bits in {list(allowed)}")
+        if self.method in GROUPED_METHODS and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size {self.group_size} is not one of {list(GROUP_SIZES)}")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return {("gptq", 4): "W4A16", ("gptq", 8): "W8A16", ("awq", 4): "W4A16_ASYM",
+                ("fp8", 8): "FP8_DYNAMIC", ("w8a8", 8): "W8A8"}[(self.method, self.bits)]
+
+    @property
+    def uses_groups(self) -> bool:
+        return self.method in GROUPED_METHODS
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "fp8"
+
+
+class CalibrationSettings(_Frozen):
+    num_samples: int = Field(32, ge=4, le=4096, title="Calibration samples")
+    max_seq_length: int = Field(256, ge=32, le=8192, title="Calibration sequence length (tokens)")
+    min_tokens: int = Field(32, ge=1, title="Shortest accepted sample (tokens)")
+    seed: int = Field(0, ge=0, title="Sampling seed")
+    dataset_path: str | None = Field(None, title="Domain JSONL (optional)",
+                                     description="A JSONL file with a 'text' field; empty uses the shipped corpus")
+    min_distinct_token_ratio: float = Field(0.2, gt=0, le=1, title="Diversity floor",
+                                            description="Distinct token ids / total tokens across the set")
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "CalibrationSettings":
+        if self.min_tokens > self.max_seq_length:
+            raise ValueError(f"min_tokens {self.min_tokens} exceeds max_seq_length {self.max_seq_length}")
+        return self
+
+
+class EvalSettings(_Frozen):
+    """How baseline and quantized models are measured (identical for both)."""
+
+    ppl_max_tokens: int = Field(4096, ge=256, le=1_000_000, title="Held-out tokens for perplexity")
+    ppl_window: int = Field(512, ge=64, le=8192, title="Perplexity window (tokens)")
+    num_prompts: int = Field(8, ge=1, le=256, title="Greedy consistency prompts")
+    max_new_tokens: int = Field(32, ge=1, le=1024, title="Greedy tokens per prompt")
+
+
+class Tolerances(_Frozen):
+    ppl_increase_pct: float = Field(10.0, ge=0, title="Perplexity tolerance (%)",
+                                    description="Largest accepted perplexity increase over the baseline")
+    accuracy_drop_pct: float = Field(5.0, ge=0, le=100, title="Accuracy tolerance (points)",
+                                     description="Largest accepted drop in greedy token agreement, in points")
+    min_token_agreement: float = Field(0.5, ge=0, le=1, title="Greedy token agreement floor",
+                                       description="Share of greedy tokens that must match the baseline "
+                                                   "before outputs diverge")
+
+
+class PipelineParams(_Frozen):
+    """Everything a run is triggered with: the DAG's params map onto this one model."""
+
+    model_uri: str = Field(DEFAULT_MODEL_URI, title="Model",
+                           description="builtin://smollm2-135m-instruct, or a path / file:// URI of a "
+                                       "Hugging Face checkpoint folder (safetensors)")
+    run_name: str = Field("smollm2", title="Run name", description="Letters, digits, . _ - (no paths)")
+    quant: QuantSettings = QuantSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
+    evaluation: EvalSettings = EvalSettings()
+    tolerances: Tolerances = Tolerances()
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _SAFE_NAME.match(v) or ".." in v:
+            raise ValueError(f"run_name {v!r} must match {_SAFE_NAME.pattern} and contain no '..'")
+        return v
+
+    @field_validator("model_uri")
+    @classmethod
+    def _uri_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("builtin://", "file://", "s3://")):
+            raise ValueError(f"model_uri {v!r}: scheme must be builtin://, file:// or a plain path")
+        return v
+
+    @classmethod
+    def from_flat(cls, flat: dict) -> "PipelineParams":
+        """Build from the DAG's flat params (the trigger form's fields)."""
+        f = dict(flat)
+        def pick(keys: tuple[str, ...]) -> dict:
+            return {k: f[k] for k in keys if k in f and f[k] is not None and f[k] != ""}
+        return cls(
+            **pick(("model_uri", "run_name")),
+            quant=QuantSettings(**pick(("method", "bits", "group_size"))),
+            calibration=CalibrationSettings(**{
+                **({"num_samples": f["calibration_samples"]} if f.get("calibration_samples") else {}),
+                **({"max_seq_length": f["max_seq_length"]} if f.get("max_seq_length") else {}),
+                **({"dataset_path": f["calibration_dataset"]} if f.get("calibration_dataset") else {}),
+                **pick(("seed",)),
+            }),
+            evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens"))),
+            tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_token_agreement"))),
+        )
+
+
+class Environment(_Frozen):
+    """Where things live on this worker; from environment variables, not params."""
+
+    artifact_root: Path
+    cache_dir: Path
+
+    @classmethod
+    def from_env(cls) -> "Environment":
+        repo = Path(__file__).resolve().parents[2]
+        cache = Path(os.environ.get("QUANTPIPE_CACHE", repo / ".cache"))
+        root = Path(os.environ.get("QUANTPIPE_ARTIFACT_ROOT", repo / ".artifacts"))
+        return cls(artifact_root=root, cache_dir=cache)
