@@ -1,0 +1,128 @@
+"""
+### LLM quantization pipeline
+
+Takes a BF16/FP16 Hugging Face checkpoint to a validated, compressed-tensors
+quantized checkpoint that vLLM serves as it is.
+
+1. **prep_checkpoint**: verify config and safetensors checksums, count parameters,
+   baseline perplexity and greedy outputs (cached by checkpoint hash).
+2. **build_calibration**: seeded sample of the corpus (or your JSONL), tokenized and
+   validated (length, vocabulary range, diversity).
+3. **quantize** (queue `gpu-a100`) or **quantize_fp8** (queue `gpu-h100`): llm-compressor
+   `oneshot` with GPTQ, AWQ, FP8-dynamic or SmoothQuant+GPTQ W8A8; `lm_head` stays BF16.
+4. **validate**: perplexity delta and greedy consistency against the baseline; one
+   report (JSON + HTML). **gate** stops the run when a check fails.
+5. **publish_approved** (queue `serving`): records the approved model's URI.
+
+Params: `method` and `bits` must agree (gptq 4/8, awq 4, fp8 8, w8a8 8); `group_size`
+must divide the model's layer widths (576 and 1536 for the built-in SmolLM2: 32, 64,
+96 or 192). Tolerances set the gate.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+
+from quantpipe.form import form_fields
+
+DEFAULT_ARGS = {
+    "owner": "ml-platform",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=20),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+}
+QUEUE_QUANTIZE = "gpu-a100"
+QUEUE_FP8 = "gpu-h100"
+QUEUE_SERVING = "serving"
+
+
+@dag(
+    dag_id="llm_quantization",
+    dag_display_name="LLM quantization",
+    description="Quantize a Hugging Face checkpoint with llm-compressor, validate it and gate its release",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=2,
+    default_args=DEFAULT_ARGS,
+    tags=["quantization", "llm-compressor"],
+    params={name: Param(default, **schema) for name, (default, schema) in form_fields().items()},
+)
+def llm_quantization():
+    @task(retries=0, task_display_name="Validate params")
+    def validate_params() -> dict:
+        from quantpipe.pipeline import validate_params as run
+
+        return run(dict(get_current_context()["params"]))
+
+    @task(task_display_name="1. Checkpoint prep", execution_timeout=timedelta(hours=2))
+    def prep_checkpoint(params: dict) -> dict:
+        from quantpipe.pipeline import prep_checkpoint as run
+
+        return run(params)
+
+    @task(task_display_name="2. Calibration data")
+    def build_calibration(params: dict, prep: dict) -> dict:
+        from quantpipe.pipeline import build_calibration as run
+
+        return run(params, prep)
+
+    @task.branch(task_display_name="Route to a quantization queue")
+    def route(params: dict) -> str:
+        return "quantize_fp8" if params["quant"]["method"] == "fp8" else "quantize"
+
+    @task(queue=QUEUE_QUANTIZE, task_display_name="3. Quantize", execution_timeout=timedelta(hours=6))
+    def quantize(params: dict, prep: dict, calib: dict) -> dict:
+        from quantpipe.pipeline import run_quantization
+
+        return run_quantization(params, prep, calib)
+
+    @task(queue=QUEUE_FP8, task_display_name="3. Quantize (FP8)", execution_timeout=timedelta(hours=2))
+    def quantize_fp8(params: dict, prep: dict, calib: dict) -> dict:
+        from quantpipe.pipeline import run_quantization
+
+        return run_quantization(params, prep, calib)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, task_display_name="4. Validate",
+          execution_timeout=timedelta(hours=6))
+    def validate(params: dict, prep: dict) -> dict:
+        from quantpipe.pipeline import run_validation
+
+        ctx = get_current_context()
+        pulled = ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"])
+        quant = next(q for q in (pulled or []) if q)
+        return run_validation(params, prep, quant, ctx["run_id"])
+
+    @task.short_circuit(task_display_name="Gate", retries=0)
+    def gate(validation: dict) -> bool:
+        from quantpipe.pipeline import gate as run
+
+        return run(validation)
+
+    @task(queue=QUEUE_SERVING, task_display_name="5. Publish approved model")
+    def publish_approved(params: dict, validation: dict) -> dict:
+        from quantpipe.pipeline import publish_approved as run
+
+        ctx = get_current_context()
+        pulled = ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"])
+        quant = next(q for q in (pulled or []) if q)
+        return run(params, quant, validation, ctx["run_id"])
+
+    params = validate_params()
+    prep = prep_checkpoint(params)
+    calib = build_calibration(params, prep)
+    branch = route(params)
+    q_int = quantize(params, prep, calib)
+    q_fp8 = quantize_fp8(params, prep, calib)
+    branch >> [q_int, q_fp8]
+    checked = validate(params, prep)
+    [q_int, q_fp8] >> checked
+    ok = gate(checked)
+    ok >> publish_approved(params, checked)
+
+
+llm_quantization()

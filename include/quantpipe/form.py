@@ -1,0 +1,74 @@
+"""JSON-schema of the trigger form's fields, derived from the typed settings.
+
+The DAG wraps each entry in an Airflow ``Param``; defaults, titles, descriptions
+and bounds come from ``settings`` so they are defined exactly once.
+"""
+
+from __future__ import annotations
+
+from annotated_types import Ge, Gt, Le, Lt
+
+from .settings import (GROUP_SIZES, METHODS, CalibrationSettings, EvalSettings, PipelineParams,
+                       QuantSettings, Tolerances, _SAFE_NAME)
+
+# flat form name -> (settings model, field name)
+FIELDS: dict[str, tuple[type, str]] = {
+    "model_uri": (PipelineParams, "model_uri"),
+    "run_name": (PipelineParams, "run_name"),
+    "method": (QuantSettings, "method"),
+    "bits": (QuantSettings, "bits"),
+    "group_size": (QuantSettings, "group_size"),
+    "calibration_samples": (CalibrationSettings, "num_samples"),
+    "max_seq_length": (CalibrationSettings, "max_seq_length"),
+    "calibration_dataset": (CalibrationSettings, "dataset_path"),
+    "seed": (CalibrationSettings, "seed"),
+    "ppl_max_tokens": (EvalSettings, "ppl_max_tokens"),
+    "num_prompts": (EvalSettings, "num_prompts"),
+    "max_new_tokens": (EvalSettings, "max_new_tokens"),
+    "ppl_increase_pct": (Tolerances, "ppl_increase_pct"),
+    "accuracy_drop_pct": (Tolerances, "accuracy_drop_pct"),
+    "min_token_agreement": (Tolerances, "min_token_agreement"),
+}
+SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization", "bits": "Quantization",
+            "group_size": "Quantization", "calibration_samples": "Calibration", "max_seq_length": "Calibration",
+            "calibration_dataset": "Calibration", "seed": "Calibration", "ppl_max_tokens": "Evaluation",
+            "num_prompts": "Evaluation", "max_new_tokens": "Evaluation", "ppl_increase_pct": "Gate tolerances",
+            "accuracy_drop_pct": "Gate tolerances", "min_token_agreement": "Gate tolerances"}
+EXTRA = {
+    "method": {"enum": list(METHODS)},
+    "bits": {"enum": [4, 8]},
+    "group_size": {"enum": list(GROUP_SIZES)},
+    "run_name": {"pattern": _SAFE_NAME.pattern},
+}
+
+
+def form_fields() -> dict[str, tuple[object, dict]]:
+    """flat name -> (default, JSON-schema keywords for ``Param``)."""
+    out = {}
+    for name, (model, field) in FIELDS.items():
+        info = model.model_fields[field]
+        default = info.default
+        ann = info.annotation
+        if ann is int:
+            schema: dict = {"type": "integer"}
+        elif ann is float:
+            schema = {"type": "number"}
+        elif name == "calibration_dataset":
+            schema = {"type": ["null", "string"]}
+        else:
+            schema = {"type": "string"}
+        for m in info.metadata:
+            if isinstance(m, Ge):
+                schema["minimum"] = m.ge
+            elif isinstance(m, Gt):
+                schema["exclusiveMinimum"] = m.gt
+            elif isinstance(m, Le):
+                schema["maximum"] = m.le
+            elif isinstance(m, Lt):
+                schema["exclusiveMaximum"] = m.lt
+        schema.update(EXTRA.get(name, {}))
+        schema["title"] = info.title or name
+        schema["description"] = info.description or info.title or name
+        schema["section"] = SECTIONS[name]
+        out[name] = (default, schema)
+    return out

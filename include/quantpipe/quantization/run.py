@@ -1,0 +1,112 @@
+"""Stage 3b: run llm-compressor ``oneshot`` and store a compressed-tensors checkpoint.
+
+The output is content-addressed by (checkpoint hash, settings, calibration set):
+a retry or re-run with the same inputs finds the verified artifact and skips the
+work. Beside the weights: ``recipe.yaml`` (written by llm-compressor) and
+``quantpipe.json`` with settings, library versions, input hashes and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ..artifacts import ArtifactStore
+from ..hashing import sha256_json
+from ..settings import QuantSettings
+from .recipes import build_recipe
+
+log = logging.getLogger(__name__)
+PROVENANCE = "quantpipe.json"
+LIBRARIES = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+
+
+class QuantizeResult(BaseModel):
+    uri: str
+    key: str
+    scheme: str
+    seconds: float
+    size_bytes: int
+    reused: bool = False
+
+
+def _no_accelerator_pin_memory_shim() -> None:
+    """llm-compressor 0.14's AWQ pins cached activations unconditionally; pinning
+    needs an accelerator. On a CPU-only worker make the pin a no-op (it is only an
+    H2D transfer optimisation)."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.cuda.is_available() and not getattr(IntermediatesCache, "_quantpipe_cpu", False):
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+        IntermediatesCache._quantpipe_cpu = True
+
+
+def quantize_key(checkpoint_hash: str, s: QuantSettings, calibration_key: str | None) -> str:
+    return sha256_json({"ckpt": checkpoint_hash, "quant": s.model_dump(), "calib": calibration_key})[:16]
+
+
+def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: QuantSettings,
+             samples: list[list[int]] | None, calibration_key: str | None,
+             max_seq_length: int) -> QuantizeResult:
+    key = quantize_key(checkpoint_hash, s, calibration_key)
+    name = f"{s.method}-{s.scheme.lower()}-{key}"
+    found = store.find("quantized", name, deep=True)
+    if found is not None:
+        prov = json.loads((found / PROVENANCE).read_text())
+        log.info("quantized checkpoint %s already stored and verified; skipping quantization", name)
+        return QuantizeResult(uri=store.uri("quantized", name), key=key, scheme=s.scheme,
+                              seconds=prov["timings"]["total_s"], size_bytes=prov["size_bytes"], reused=True)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _no_accelerator_pin_memory_shim()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    t_load = time.perf_counter() - t0
+    recipe = build_recipe(s)
+    kwargs: dict = {}
+    if s.needs_calibration:
+        if not samples:
+            raise ValueError(f"method {s.method} needs calibration samples")
+        ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(r) for r in samples]})
+        kwargs = dict(dataset=ds, num_calibration_samples=len(samples), max_seq_length=max_seq_length,
+                      shuffle_calibration_samples=False)
+    log.info("quantizing %s with %s (%s), %s calibration samples", checkpoint.name, s.method, s.scheme,
+             len(samples) if samples else 0)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        model = oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
+    t_quant = time.perf_counter() - t1
+    meta = {"method": s.method, "scheme": s.scheme, "checkpoint_hash": checkpoint_hash}
+    with store.writing("quantized", name, meta=meta) as out:
+        t2 = time.perf_counter()
+        model.save_pretrained(out, save_compressed=True)
+        tokenizer.save_pretrained(out)
+        t_save = time.perf_counter() - t2
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        prov = {
+            "settings": s.model_dump(), "scheme": s.scheme, "input_checkpoint": str(checkpoint),
+            "input_checkpoint_hash": checkpoint_hash, "calibration_key": calibration_key,
+            "calibration_samples": len(samples) if samples else 0,
+            "versions": {lib: version(lib) for lib in LIBRARIES},
+            "timings": {"load_s": round(t_load, 2), "oneshot_s": round(t_quant, 2), "save_s": round(t_save, 2),
+                        "total_s": round(time.perf_counter() - t0, 2)},
+            "size_bytes": size,
+        }
+        (out / PROVENANCE).write_text(json.dumps(prov, indent=1))
+    log.info("quantized in %.1f s (oneshot %.1f s); %.1f MB", prov["timings"]["total_s"], t_quant, size / 1e6)
+    return QuantizeResult(uri=store.uri("quantized", name), key=key, scheme=s.scheme,
+                          seconds=prov["timings"]["total_s"], size_bytes=size)

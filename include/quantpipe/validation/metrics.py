@@ -1,0 +1,123 @@
+"""Model measurements shared by the baseline (stage 1) and validation (stage 4).
+
+Both models are measured with identical settings: same held-out tokens, same
+windows, same prompts, greedy decoding. Perplexity runs over non-overlapping
+windows of the held-out corpus; generation records token ids so divergence can
+be located exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from ..settings import EvalSettings
+
+log = logging.getLogger(__name__)
+PROMPTS_FILE = Path(__file__).with_name("prompts.json")
+
+
+def load_prompts(n: int) -> list[str]:
+    prompts = json.loads(PROMPTS_FILE.read_text())
+    return prompts[:n]
+
+
+def load_model(path: Path):
+    """Load a checkpoint (plain or compressed-tensors) for CPU evaluation in float32."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def heldout_token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[int]:
+    ids: list[int] = []
+    sep = tokenizer.eos_token_id
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
+
+
+def perplexity(model, token_ids: list[int], window: int) -> dict:
+    """Mean next-token NLL over non-overlapping windows -> perplexity."""
+    import torch
+
+    t0 = time.perf_counter()
+    nll, count = 0.0, 0
+    windows = [token_ids[i:i + window] for i in range(0, len(token_ids), window)]
+    windows = [w for w in windows if len(w) > 1]
+    with torch.inference_mode():
+        for w in windows:
+            x = torch.tensor([w])
+            logits = model(input_ids=x).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+            nll += loss.item()
+            count += len(w) - 1
+    secs = time.perf_counter() - t0
+    ppl = math.exp(nll / count)
+    log.info("perplexity %.3f over %d tokens (%d windows) in %.1f s (%.0f tokens/s)",
+             ppl, count, len(windows), secs, count / secs)
+    return {"perplexity": ppl, "nll": nll / count, "tokens": count, "seconds": round(secs, 2)}
+
+
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    import torch
+
+    t0 = time.perf_counter()
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            enc = tokenizer(p, return_tensors="pt")
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.eos_token_id)
+            new = gen[0, enc["input_ids"].shape[1]:].tolist()
+            out.append({"prompt": p, "token_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True)})
+    log.info("greedy generation: %d prompts x %d tokens in %.1f s", len(prompts), max_new_tokens,
+             time.perf_counter() - t0)
+    return out
+
+
+def measure(path: Path, heldout_texts: list[str], s: EvalSettings) -> dict:
+    """Everything validation compares: perplexity and greedy outputs."""
+    t0 = time.perf_counter()
+    model, tok = load_model(path)
+    t_load = time.perf_counter() - t0
+    ids = heldout_token_ids(tok, heldout_texts, s.ppl_max_tokens)
+    ppl = perplexity(model, ids, s.ppl_window)
+    gens = greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens)
+    return {"perplexity": ppl, "generations": gens, "load_seconds": round(t_load, 2),
+            "settings": s.model_dump()}
+
+
+def consistency(baseline: list[dict], candidate: list[dict]) -> dict:
+    """Greedy agreement: exact-match rate, token agreement up to first divergence, where it diverges."""
+    if len(baseline) != len(candidate):
+        raise ValueError(f"{len(baseline)} baseline generations vs {len(candidate)} candidate generations")
+    per_prompt = []
+    agree, total, exact = 0, 0, 0
+    for b, c in zip(baseline, candidate):
+        if b["prompt"] != c["prompt"]:
+            raise ValueError(f"prompt mismatch: {b['prompt']!r} vs {c['prompt']!r}")
+        bt, ct = b["token_ids"], c["token_ids"]
+        first = next((i for i, (x, y) in enumerate(zip(bt, ct)) if x != y), min(len(bt), len(ct)))
+        same = bt == ct
+        exact += same
+        agree += first
+        total += len(bt)
+        per_prompt.append({"prompt": b["prompt"], "exact": same, "first_divergence": None if same else first,
+                           "baseline": b["text"], "quantized": c["text"]})
+    return {"exact_match_rate": exact / len(baseline), "token_agreement": agree / max(total, 1),
+            "per_prompt": per_prompt}

@@ -1,0 +1,213 @@
+"""Run the embedded default: Airflow components on LocalExecutor + SQLite, bound to 127.0.0.1.
+
+    python scripts/airflow_local.py start      # migrate the DB, start components in the background
+    python scripts/airflow_local.py trigger    # trigger llm_quantization through the REST API, wait, print
+    python scripts/airflow_local.py stop       # stop what start started (by PID)
+
+State lives in .airflow/ (gitignored). ``start`` is idempotent: running components are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOME = Path(os.environ.get("QUANTPIPE_AIRFLOW_HOME", REPO / ".airflow"))
+HOST, PORT = "127.0.0.1", int(os.environ.get("QUANTPIPE_AIRFLOW_PORT", "8080"))
+BASE = f"http://{HOST}:{PORT}"
+DAG_ID = "llm_quantization"
+USERS = {"admin": ("admin", "admin"), "viewer": ("viewer", "viewer")}  # name -> (role, password)
+COMPONENTS = {
+    "api-server": ["api-server", "-H", HOST, "-p", str(PORT)],
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+}
+
+
+def airflow_env() -> dict:
+    HOME.mkdir(parents=True, exist_ok=True)
+    secret_file = HOME / "jwt_secret"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_hex(48))
+    pw_file = HOME / "passwords.json"
+    pw_file.write_text(json.dumps({u: pw for u, (_, pw) in USERS.items()}))
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME / 'airflow.db'}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{BASE}/execution/",
+        "AIRFLOW__API__BASE_URL": BASE,
+        "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text(),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, (r, _) in USERS.items()),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pw_file),
+        "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "10",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    env.setdefault("QUANTPIPE_ARTIFACT_ROOT", str(REPO / ".artifacts"))
+    env.setdefault("QUANTPIPE_CACHE", str(REPO / ".cache"))
+    return env
+
+
+def _airflow_bin() -> str:
+    return str(Path(sys.executable).with_name("airflow"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _http(method: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(BASE + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except json.JSONDecodeError:
+            return e.code, {"detail": raw.decode(errors="replace")}
+
+
+def token(user: str = "admin") -> str:
+    status, body = _http("POST", "/auth/token", {"username": user, "password": USERS[user][1]})
+    if status not in (200, 201):
+        raise SystemExit(f"login as {user} failed: {status} {body}")
+    return body["access_token"]
+
+
+def start() -> None:
+    env = airflow_env()
+    (HOME / "logs").mkdir(exist_ok=True)
+    subprocess.run([_airflow_bin(), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    for name, args in COMPONENTS.items():
+        pidfile = HOME / f"{name}.pid"
+        if pidfile.exists() and _alive(int(pidfile.read_text())):
+            print(f"{name} already running (pid {pidfile.read_text()})")
+            continue
+        log = open(HOME / "logs" / f"{name}.log", "ab")
+        p = subprocess.Popen([_airflow_bin(), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        pidfile.write_text(str(p.pid))
+        print(f"started {name} (pid {p.pid}, log {HOME / 'logs' / (name + '.log')})")
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if _http("GET", "/api/v2/monitor/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(2)
+    else:
+        raise SystemExit(f"api-server did not answer on {BASE} within 180 s; see {HOME / 'logs'}")
+    print(f"Airflow UI: {BASE}  (login admin / admin; viewer / viewer is read-only)")
+
+
+def stop() -> None:
+    for name in reversed(list(COMPONENTS)):
+        pidfile = HOME / f"{name}.pid"
+        if not pidfile.exists():
+            continue
+        pid = int(pidfile.read_text())
+        if _alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(30):
+                if not _alive(pid):
+                    break
+                time.sleep(0.5)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+            print(f"stopped {name} (pid {pid})")
+        pidfile.unlink()
+
+
+def trigger(conf: dict, timeout_s: int = 3600) -> dict:
+    tok = token()
+    deadline = time.time() + 120
+    while True:  # the dag-processor needs a moment to parse the DAG on a fresh DB
+        status, body = _http("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False}, tok)
+        if status == 200:
+            break
+        if time.time() > deadline:
+            raise SystemExit(f"DAG {DAG_ID} not available: {status} {body}")
+        time.sleep(3)
+    status, run = _http("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf}, tok)
+    if status not in (200, 201):
+        raise SystemExit(f"trigger refused ({status}): {run.get('detail', run)}")
+    run_id = run["dag_run_id"]
+    print(f"triggered {DAG_ID} run {run_id}")
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        _, run = _http("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", token=tok)
+        if run.get("state") != last:
+            print(f"  run state: {run.get('state')}")
+            last = run.get("state")
+        if run.get("state") in ("success", "failed"):
+            break
+        time.sleep(5)
+        if time.time() % 600 < 5:
+            tok = token()
+    _, tis = _http("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", token=tok)
+    states = {t["task_id"]: t["state"] for t in tis.get("task_instances", [])}
+    status, x = _http("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/validate/xcomEntries/"
+                             "return_value", token=tok)
+    validation = x.get("value") if status == 200 else None
+    if isinstance(validation, str):
+        validation = json.loads(validation)
+    return {"run_id": run_id, "state": run.get("state"), "tasks": states, "validation": validation}
+
+
+def main() -> None:
+    cmd = sys.argv[1] if len(sys.argv) > 1 else "help"
+    if cmd == "start":
+        start()
+    elif cmd == "stop":
+        stop()
+    elif cmd == "trigger":
+        conf = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+        res = trigger(conf)
+        print(f"run {res['run_id']}: {res['state']}")
+        for t, s in res["tasks"].items():
+            print(f"  {t:20s} {s}")
+        v = res["validation"]
+        if v:
+            print(f"gate: {'PASSED' if v['passed'] else 'FAILED ' + ', '.join(v['failed_checks'])}"
+                  f" (perplexity {v['perplexity_baseline']:.3f} -> {v['perplexity_quantized']:.3f},"
+                  f" greedy token agreement {v['token_agreement']:.3f})")
+            print(f"report: {v['report_html_uri']}")
+        print(f"Airflow UI: {BASE}/dags/{DAG_ID}/runs/{res['run_id']}  (login admin / admin)")
+        if res["state"] != "success":
+            raise SystemExit(1)
+    else:
+        print(__doc__)
+
+
+if __name__ == "__main__":
+    main()
