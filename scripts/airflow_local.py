@@ -200,7 +200,7 @@ def main() -> None:
         if v:
             print(f"gate: {'PASSED' if v['passed'] else 'FAILED ' + ', '.join(v['failed_checks'])}"
                   f" (perplexity {v['perplexity_baseline']:.3f} -> {v['perplexity_quantized']:.3f},"
-                  f" greedy token agreement {v['token_agreement']:.3f})")
+                  f" top-1 agreement {v['top1_agreement']:.3f}, greedy token agreement {v['token_agreement']:.3f})")
             print(f"report: {v['report_html_uri']}")
         print(f"Airflow UI: {BASE}/dags/{DAG_ID}/runs/{res['run_id']}  (login admin / admin)")
         if res["state"] != "success":

@@ -27,13 +27,15 @@ FIELDS: dict[str, tuple[type, str]] = {
     "max_new_tokens": (EvalSettings, "max_new_tokens"),
     "ppl_increase_pct": (Tolerances, "ppl_increase_pct"),
     "accuracy_drop_pct": (Tolerances, "accuracy_drop_pct"),
+    "min_top1_agreement": (Tolerances, "min_top1_agreement"),
     "min_token_agreement": (Tolerances, "min_token_agreement"),
 }
 SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization", "bits": "Quantization",
             "group_size": "Quantization", "calibration_samples": "Calibration", "max_seq_length": "Calibration",
             "calibration_dataset": "Calibration", "seed": "Calibration", "ppl_max_tokens": "Evaluation",
             "num_prompts": "Evaluation", "max_new_tokens": "Evaluation", "ppl_increase_pct": "Gate tolerances",
-            "accuracy_drop_pct": "Gate tolerances", "min_token_agreement": "Gate tolerances"}
+            "accuracy_drop_pct": "Gate tolerances", "min_top1_agreement": "Gate tolerances",
+            "min_token_agreement": "Gate tolerances"}
 EXTRA = {
     "method": {"enum": list(METHODS)},
     "bits": {"enum": [4, 8]},

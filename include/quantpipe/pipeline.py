@@ -123,7 +123,10 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str) -> dict:
             "passed": report["passed"], "failed_checks": report["failed_checks"],
             "perplexity_baseline": baseline["perplexity"]["perplexity"],
             "perplexity_quantized": quantized["perplexity"]["perplexity"],
-            "token_agreement": cons["token_agreement"], "exact_match_rate": cons["exact_match_rate"]}
+            "token_agreement": cons["token_agreement"], "exact_match_rate": cons["exact_match_rate"],
+            "top1_agreement": cons["top1_agreement"],
+            "next_token_accuracy_baseline": baseline["perplexity"]["next_token_accuracy"],
+            "next_token_accuracy_quantized": quantized["perplexity"]["next_token_accuracy"]}
 
 
 def gate(validation: dict) -> bool:

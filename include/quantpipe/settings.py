@@ -95,10 +95,14 @@ class Tolerances(_Frozen):
     ppl_increase_pct: float = Field(10.0, ge=0, title="Perplexity tolerance (%)",
                                     description="Largest accepted perplexity increase over the baseline")
     accuracy_drop_pct: float = Field(5.0, ge=0, le=100, title="Accuracy tolerance (points)",
-                                     description="Largest accepted drop in greedy token agreement, in points")
-    min_token_agreement: float = Field(0.5, ge=0, le=1, title="Greedy token agreement floor",
-                                       description="Share of greedy tokens that must match the baseline "
-                                                   "before outputs diverge")
+                                     description="Largest accepted drop in accuracy (next-token accuracy on "
+                                                 "held-out text), in percentage points")
+    min_top1_agreement: float = Field(0.8, ge=0, le=1, title="Top-1 agreement floor",
+                                      description="Share of held-out positions where the quantized model "
+                                                  "predicts the same next token as the baseline")
+    min_token_agreement: float = Field(0.05, ge=0, le=1, title="Greedy consistency floor",
+                                       description="Share of the baseline's greedy tokens the quantized model "
+                                                   "reproduces before its output first diverges")
 
 
 class PipelineParams(_Frozen):
@@ -143,7 +147,8 @@ class PipelineParams(_Frozen):
                 **pick(("seed",)),
             }),
             evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens"))),
-            tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_token_agreement"))),
+            tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_top1_agreement",
+                                          "min_token_agreement"))),
         )
 
 

@@ -52,11 +52,13 @@ def heldout_token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[int]
 
 
 def perplexity(model, token_ids: list[int], window: int) -> dict:
-    """Mean next-token NLL over non-overlapping windows -> perplexity."""
+    """Mean next-token NLL over non-overlapping windows -> perplexity, plus the model's
+    top-1 prediction at every position (next-token accuracy, and agreement with another model)."""
     import torch
 
     t0 = time.perf_counter()
-    nll, count = 0.0, 0
+    nll, count, correct = 0.0, 0, 0
+    top1: list[int] = []
     windows = [token_ids[i:i + window] for i in range(0, len(token_ids), window)]
     windows = [w for w in windows if len(w) > 1]
     with torch.inference_mode():
@@ -64,13 +66,24 @@ def perplexity(model, token_ids: list[int], window: int) -> dict:
             x = torch.tensor([w])
             logits = model(input_ids=x).logits[0, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+            pred = logits.argmax(-1)
+            correct += int((pred == x[0, 1:]).sum())
+            top1.extend(pred.tolist())
             nll += loss.item()
             count += len(w) - 1
     secs = time.perf_counter() - t0
     ppl = math.exp(nll / count)
     log.info("perplexity %.3f over %d tokens (%d windows) in %.1f s (%.0f tokens/s)",
              ppl, count, len(windows), secs, count / secs)
-    return {"perplexity": ppl, "nll": nll / count, "tokens": count, "seconds": round(secs, 2)}
+    return {"perplexity": ppl, "nll": nll / count, "tokens": count, "seconds": round(secs, 2),
+            "next_token_accuracy": correct / count, "top1": top1}
+
+
+def top1_agreement(baseline_top1: list[int], candidate_top1: list[int]) -> float:
+    """Share of held-out positions where both models predict the same next token."""
+    if len(baseline_top1) != len(candidate_top1) or not baseline_top1:
+        raise ValueError(f"top-1 predictions differ in length: {len(baseline_top1)} vs {len(candidate_top1)}")
+    return sum(a == b for a, b in zip(baseline_top1, candidate_top1)) / len(baseline_top1)
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:

@@ -14,6 +14,10 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 
 
+def _strip(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "top1"}
+
+
 def build_report(*, run_id: str, model: dict, quantization: dict, baseline: dict, quantized: dict,
                  checks: list[Check], consistency: dict, tolerances: dict) -> dict:
     return {
@@ -25,7 +29,7 @@ def build_report(*, run_id: str, model: dict, quantization: dict, baseline: dict
         "quantization": quantization,
         "checks": [c.model_dump() for c in checks],
         "tolerances": tolerances,
-        "perplexity": {"baseline": baseline["perplexity"], "quantized": quantized["perplexity"]},
+        "perplexity": {"baseline": _strip(baseline["perplexity"]), "quantized": _strip(quantized["perplexity"])},
         "consistency": consistency,
         "generations": {"baseline": baseline["generations"], "quantized": quantized["generations"]},
         "eval_settings": quantized.get("settings"),
@@ -82,7 +86,8 @@ quantization {q.get('seconds', 0):.1f} s.</p>
 <h2>Checks</h2><table><tr><th>check</th><th>what</th><th>baseline</th><th>quantized</th><th>delta</th>
 <th>threshold</th><th>result</th></tr>{rows}</table>
 <h2>Plots</h2><img alt="plots" src="data:image/png;base64,{_plot_png(report)}">
-<h2>Greedy outputs</h2><p>exact-match rate {report['consistency']['exact_match_rate']:.2f},
+<h2>Greedy outputs</h2><p>top-1 agreement on held-out text {report['consistency'].get('top1_agreement', 0):.3f};
+greedy exact-match rate {report['consistency']['exact_match_rate']:.2f},
 token agreement {report['consistency']['token_agreement']:.3f}</p>
 <table><tr><th>prompt</th><th>baseline</th><th>quantized</th><th>divergence</th></tr>{gens}</table>
 <h2>Provenance</h2><pre>{e(json.dumps(q.get('provenance', {}), indent=1))}</pre>
