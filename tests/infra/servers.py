@@ -351,7 +351,7 @@ def seaweedfs_server(workdir: Path, bucket: str = "quantpipe-artifacts", timeout
               f"SeaweedFS S3 on {srv.endpoint} (bucket {bucket})", proc, log)
         yield srv
     finally:
-        stop_pid(proc.pid, timeout=15)
+        stop_pid(proc.pid, timeout=8)  # weed sometimes lingers after heavy multipart use
         proc.wait(timeout=5)
 
 
