@@ -130,6 +130,9 @@ def launch(s: DeploySettings, model_dir: Path, served_name: str, *, port: int | 
     if "/" in exe and not os.access(exe, os.X_OK):
         raise LaunchError(f"vLLM command {exe} is not executable; run scripts/setup_serving_env.sh or set "
                           "QUANTPIPE_VLLM_CMD")
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise LaunchError(f"{model_dir} is not a checkpoint folder (no config.json)")
     port = port or pick_port(s)
     if not port_free(s.host, port):
         raise LaunchError(f"port {s.host}:{port} is already in use")
