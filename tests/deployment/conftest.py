@@ -1,0 +1,150 @@
+"""Fixtures for stage 5: fake and real vLLM servers, checkpoints and validation reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SERVING_PY = REPO / ".venv-serving" / "bin" / "python"
+FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
+DATA = Path(__file__).with_name("data")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_block(n: int = 20) -> tuple[int, int]:
+    for _ in range(50):
+        lo = random.randrange(20000, 40000)
+        ok = True
+        for p in range(lo, lo + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return lo, lo + n - 1
+    raise RuntimeError("no free port block")
+
+
+def make_settings(state_dir: Path, **kw):
+    from quantpipe.deployment.settings import DeploySettings
+
+    lo, hi = port_block()
+    endpoint = free_port()
+    while lo <= endpoint <= hi:
+        endpoint = free_port()
+    return DeploySettings.load({"state_dir": state_dir, "endpoint_port": endpoint, "backend_ports": (lo, hi), **kw},
+                               environ={})
+
+
+def write_validation(store, run: str, model_dir: Path, generations: list[dict], passed: bool = True) -> dict:
+    """A validation result + report.json as stage 4 writes them (only the fields stage 5 reads)."""
+    from quantpipe.artifacts import path_to_uri
+
+    report = {"run_id": run, "passed": passed, "failed_checks": [] if passed else ["perplexity_increase"],
+              "quantization": {"quantized_uri": path_to_uri(model_dir)},
+              "generations": {"baseline": generations, "quantized": generations},
+              "eval_settings": {"max_new_tokens": max((len(g["token_ids"]) for g in generations), default=0)}}
+    with store.writing("runs", run, "validation") as out:
+        (out / "report.json").write_text(json.dumps(report))
+    uri = path_to_uri(store.path("runs", run, "validation", "report.json"))
+    return {"report_uri": uri, "passed": passed, "failed_checks": report["failed_checks"]}
+
+
+def params(run_name: str = "smollm2") -> dict:
+    from quantpipe.settings import PipelineParams
+
+    return PipelineParams(run_name=run_name, quant={"method": "fp8", "bits": 8}).model_dump(mode="json")
+
+
+# ---- fake servers (unit tests) -------------------------------------------------------------------------------
+
+def fake_model(root: Path, name: str, answers: dict[str, list[int]], **spec) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = json.loads((DATA / "config_fp8.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(b"\0" * 1024)
+    (d / "tokenizer.json").write_text("{}")
+    (d / "tokenizer_config.json").write_text("{}")
+    (d / "fake.json").write_text(json.dumps({"answers": answers, **spec}))
+    return d
+
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    """Artifact store + settings whose vLLM command is the fake server."""
+    from quantpipe.artifacts import ArtifactStore
+
+    monkeypatch.setenv("QUANTPIPE_ARTIFACT_ROOT", str(tmp_path / "store"))
+    s = make_settings(tmp_path / "state", vllm_cmd=f"{sys.executable} {FAKE_VLLM}", startup_timeout_s=20,
+                      stop_timeout_s=5, cpu_runtime_overhead_gib=0.1)
+    yield s, ArtifactStore(tmp_path / "store"), tmp_path
+    from quantpipe.deployment import switchover
+
+    for name in ("smollm2",):
+        switchover.teardown(ArtifactStore(tmp_path / "store"), s, name)
+    h = switchover.proxy_handle(s)
+    if h:
+        from quantpipe.deployment.server import stop
+
+        stop(h, 5)
+
+
+# ---- real vLLM (slow tests) ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def serving_venv() -> Path:
+    if not SERVING_PY.exists():
+        pytest.skip(f"serving venv missing ({SERVING_PY}); create it with scripts/setup_serving_env.sh")
+    return SERVING_PY
+
+
+@pytest.fixture(scope="session")
+def real_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serving")
+
+
+@pytest.fixture(scope="session")
+def fp8_model(model_dir, real_root) -> Path:
+    """The built-in model quantized to FP8-dynamic by stage 3's own function (~5 s)."""
+    from quantpipe.artifacts import ArtifactStore, uri_to_path
+    from quantpipe.quantization.run import quantize
+    from quantpipe.settings import QuantSettings
+
+    res = quantize(ArtifactStore(real_root / "qstore"), model_dir, "test-bf16", QuantSettings(method="fp8", bits=8),
+                   None, None, 256)
+    return uri_to_path(res.uri)
+
+
+def hf_generations(model_dir: Path, n: int = 3, max_new_tokens: int = 16) -> list[dict]:
+    """What validation records: transformers greedy continuations of the first n validation prompts."""
+    from quantpipe.validation.metrics import greedy_generate, load_model, load_prompts
+
+    model, tok = load_model(model_dir)
+    return greedy_generate(model, tok, load_prompts(n), max_new_tokens)
+
+
+@pytest.fixture(scope="session")
+def gens_bf16(model_dir) -> list[dict]:
+    return hf_generations(model_dir)
+
+
+@pytest.fixture(scope="session")
+def gens_fp8(fp8_model) -> list[dict]:
+    return hf_generations(fp8_model)
