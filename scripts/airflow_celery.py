@@ -44,12 +44,10 @@ from tests.infra.servers import (  # noqa: E402
     ServiceError,
     free_port,
     log_tail,
-    pid_alive,
     postgres_server,
     redis_server,
     seaweedfs_server,
     short_tmpdir,
-    stop_pid,
     venv_bin,
 )
 
@@ -157,6 +155,13 @@ class CeleryStack:
                                    f"{self.home / (name + '.log')}:\n{log_tail(self.home / (name + '.log'))}")
 
 
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _airflow_env(home: Path, dags_folder: Path, port: int, redis, pg, s3) -> dict:
     home.mkdir(parents=True, exist_ok=True)
     pw_file = home / "passwords.json"
@@ -255,12 +260,22 @@ def celery_stack(workdir: Path | None = None, dags_folder: Path = REPO / "dags",
         t_migrate = time.monotonic() - t0 - t_servers
 
         def stop_all() -> None:
-            for name, p in reversed(list(stack.procs.items())):
-                stop_pid(p.pid, signal.SIGTERM, timeout=20, group=True)
+            """SIGTERM every component's process group at once, wait, SIGKILL stragglers."""
+            t = time.monotonic()
+            procs = list(stack.procs.values())
+            for p in procs:
+                _killpg(p.pid, signal.SIGTERM)
+            for p in procs:
                 try:
-                    p.wait(timeout=5)
+                    p.wait(timeout=max(0.1, t + 30 - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pass
+            for p in procs:  # children (task runners, gunicorn workers) left in a group
+                _killpg(p.pid, signal.SIGKILL)
+                if p.poll() is None:
+                    p.wait(timeout=5)
+            stack.timings["stop_s"] = round(time.monotonic() - t, 1)
+            print(f"airflow components stopped in {stack.timings['stop_s']} s", flush=True)
         es.callback(stop_all)
         for name, (args, extra) in _components(port, queues).items():
             log = open(home / f"{name}.log", "ab")
