@@ -48,9 +48,27 @@ def storage_path(uri: str, conn_id: str | None = None) -> ObjectStoragePath:
     return ObjectStoragePath(uri, conn_id=conn_id) if scheme != "file" else ObjectStoragePath(uri)
 
 
+def _check_connection(conn_id: str, scheme: str) -> None:
+    """The connection must exist: the Amazon provider silently falls back to ambient boto3
+    credentials or anonymous access when it does not (a typo would then talk to real AWS)."""
+    from airflow.sdk import BaseHook
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception as e:  # AirflowNotFoundException (its module moved between versions)
+        raise ArtifactStoreConfigError(f"Airflow connection {conn_id!r} for the artifact store does not "
+                                       f"exist ({type(e).__name__}); create it (type aws, endpoint_url "
+                                       "in extras for S3-compatible stores)") from None
+    if scheme in ("s3", "s3a") and conn.conn_type != "aws":
+        raise ArtifactStoreConfigError(f"Airflow connection {conn_id!r} has type {conn.conn_type!r}; "
+                                       "s3:// artifact stores need an 'aws' connection")
+
+
 def artifact_fs(conn_id: str | None, uri: str):
     """``(filesystem, plain_uri)`` for ``quantpipe.objectstore``; plain_uri has no connection id."""
     path = storage_path(uri, conn_id)
+    if path.conn_id:
+        _check_connection(path.conn_id, path.protocol)
     try:
         fs = path.fs
     except Exception as e:  # AirflowNotFoundException and friends: name the connection

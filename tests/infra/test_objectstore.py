@@ -218,3 +218,27 @@ def test_upload_memory_is_bounded(s3_srv, tmp_path):
     print(f"peak RSS growth uploading 96 MiB: {growth_mib} MiB")
     assert growth_mib < 48
     assert is_complete(s3_srv.fs(), dest)
+
+
+def test_airflow_connection_helper_gives_plain_uris(s3_srv, tmp_path, monkeypatch):
+    """plugins/quantpipe_storage: connection id + s3:// URI -> s3fs; URIs handed out carry no conn id."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "plugins"))
+    monkeypatch.setenv("AIRFLOW_CONN_QP_TEST_S3", s3_srv.airflow_conn_json())
+    from quantpipe_storage import ArtifactStoreConfigError, artifact_fs, plain_uri, storage_path
+
+    dest = _dest(s3_srv)
+    fs, uri = artifact_fs("qp_test_s3", dest)
+    assert uri == dest and "qp_test_s3" not in uri
+    assert "qp_test_s3@" in str(storage_path(dest, "qp_test_s3"))  # why str() must never be logged
+    assert plain_uri(storage_path(dest, "qp_test_s3")) == dest
+    upload_folder(_artifact(tmp_path / "a", big_mib=1), fs, uri, block_size=BLOCK)
+    assert is_complete(s3_srv.fs(), dest)
+
+    with pytest.raises(ArtifactStoreConfigError, match="need an Airflow connection id"):
+        storage_path(dest, None)  # never fall back to ambient (real AWS) credentials
+    with pytest.raises(ArtifactStoreConfigError, match="carries a password"):
+        storage_path(f"s3://user:pw@{s3_srv.bucket}/x", None)
+    with pytest.raises(ArtifactStoreConfigError, match="connection .no_such_conn. for the artifact store does not exist"):
+        artifact_fs("no_such_conn", dest)
