@@ -60,42 +60,42 @@ def llm_quantization():
         return run(dict(get_current_context()["params"]))
 
     @task(task_display_name="1. Checkpoint prep", execution_timeout=timedelta(hours=2))
-    def prep_checkpoint(params: dict) -> dict:
+    def prep_checkpoint(settings: dict) -> dict:
         from quantpipe.pipeline import prep_checkpoint as run
 
-        return run(params)
+        return run(settings)
 
     @task(task_display_name="2. Calibration data")
-    def build_calibration(params: dict, prep: dict) -> dict:
+    def build_calibration(settings: dict, prep: dict) -> dict:
         from quantpipe.pipeline import build_calibration as run
 
-        return run(params, prep)
+        return run(settings, prep)
 
     @task.branch(task_display_name="Route to a quantization queue")
-    def route(params: dict) -> str:
-        return "quantize_fp8" if params["quant"]["method"] == "fp8" else "quantize"
+    def route(settings: dict) -> str:
+        return "quantize_fp8" if settings["quant"]["method"] == "fp8" else "quantize"
 
     @task(queue=QUEUE_QUANTIZE, task_display_name="3. Quantize", execution_timeout=timedelta(hours=6))
-    def quantize(params: dict, prep: dict, calib: dict) -> dict:
+    def quantize(settings: dict, prep: dict, calib: dict) -> dict:
         from quantpipe.pipeline import run_quantization
 
-        return run_quantization(params, prep, calib)
+        return run_quantization(settings, prep, calib)
 
     @task(queue=QUEUE_FP8, task_display_name="3. Quantize (FP8)", execution_timeout=timedelta(hours=2))
-    def quantize_fp8(params: dict, prep: dict, calib: dict) -> dict:
+    def quantize_fp8(settings: dict, prep: dict, calib: dict) -> dict:
         from quantpipe.pipeline import run_quantization
 
-        return run_quantization(params, prep, calib)
+        return run_quantization(settings, prep, calib)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, task_display_name="4. Validate",
           execution_timeout=timedelta(hours=6))
-    def validate(params: dict, prep: dict) -> dict:
+    def validate(settings: dict, prep: dict) -> dict:
         from quantpipe.pipeline import run_validation
 
         ctx = get_current_context()
         pulled = ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"])
         quant = next(q for q in (pulled or []) if q)
-        return run_validation(params, prep, quant, ctx["run_id"])
+        return run_validation(settings, prep, quant, ctx["run_id"])
 
     @task.short_circuit(task_display_name="Gate", retries=0)
     def gate(validation: dict) -> bool:
@@ -104,25 +104,25 @@ def llm_quantization():
         return run(validation)
 
     @task(queue=QUEUE_SERVING, task_display_name="5. Publish approved model")
-    def publish_approved(params: dict, validation: dict) -> dict:
+    def publish_approved(settings: dict, validation: dict) -> dict:
         from quantpipe.pipeline import publish_approved as run
 
         ctx = get_current_context()
         pulled = ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"])
         quant = next(q for q in (pulled or []) if q)
-        return run(params, quant, validation, ctx["run_id"])
+        return run(settings, quant, validation, ctx["run_id"])
 
-    params = validate_params()
-    prep = prep_checkpoint(params)
-    calib = build_calibration(params, prep)
-    branch = route(params)
-    q_int = quantize(params, prep, calib)
-    q_fp8 = quantize_fp8(params, prep, calib)
+    settings = validate_params()
+    prep = prep_checkpoint(settings)
+    calib = build_calibration(settings, prep)
+    branch = route(settings)
+    q_int = quantize(settings, prep, calib)
+    q_fp8 = quantize_fp8(settings, prep, calib)
     branch >> [q_int, q_fp8]
-    checked = validate(params, prep)
+    checked = validate(settings, prep)
     [q_int, q_fp8] >> checked
     ok = gate(checked)
-    ok >> publish_approved(params, checked)
+    ok >> publish_approved(settings, checked)
 
 
 llm_quantization()

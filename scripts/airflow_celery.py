@@ -115,12 +115,18 @@ class CeleryStack:
             raise ServiceError(f"trigger of {dag_id} refused ({status}): {run}")
         return run["dag_run_id"]
 
-    def wait_run(self, dag_id: str, run_id: str, timeout: float = 600) -> dict:
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 600,
+                 min_try: dict[str, int] | None = None) -> dict:
+        """Wait for the run to finish; ``min_try`` (task -> try number) waits out a cleared task."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             _, run = self.http("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
             if isinstance(run, dict) and run.get("state") in ("success", "failed"):
-                return run
+                if not min_try:
+                    return run
+                tries = {t["task_id"]: t["try_number"] for t in self.task_instances(dag_id, run_id)}
+                if all(tries.get(t, 0) >= n for t, n in min_try.items()):
+                    return run
             self.check_alive()
             time.sleep(1)
         raise ServiceError(f"run {run_id} of {dag_id} not finished within {timeout:.0f} s")

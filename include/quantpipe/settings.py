@@ -30,10 +30,10 @@ class _Frozen(BaseModel):
 class QuantSettings(_Frozen):
     """What to quantize and how. ``scheme`` is derived from method and bits."""
 
-    method: Method = Field("gptq", title="Quantization method",
+    method: Method = Field("fp8", title="Quantization method",
                            description="gptq (W4A16/W8A16), awq (W4A16 asymmetric), fp8 (FP8 dynamic), "
                                        "w8a8 (SmoothQuant + GPTQ int8)")
-    bits: int = Field(4, title="Weight bits", description="4 or 8 for gptq, 4 for awq, 8 for fp8 and w8a8")
+    bits: int = Field(8, title="Weight bits", description="4 or 8 for gptq, 4 for awq, 8 for fp8 and w8a8")
     group_size: int = Field(64, title="Group size",
                             description="Weights per quantization group (gptq/awq). Must divide every "
                                         "quantized layer's input width; checked against the checkpoint.")

@@ -52,8 +52,18 @@ def main() -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if not self.authorized():
                 return
+            if self.path == "/tokenize":  # a fake tokenizer: two ids derived from the prompt
+                return self.send(200, {"tokens": [len(body["prompt"]), 0]})
             if spec.get("die_on_completion"):
                 os._exit(3)
+            if isinstance(body["prompt"], list):  # echo + logprobs: the fake model's top-1 per position
+                by_ids = {len(p): a for p, a in spec["answers"].items()}
+                ans = by_ids.get(body["prompt"][0], [])
+                n_cont = len(body["prompt"]) - 2
+                tops = [None, {"token_id:0": -0.1}] + [{f"token_id:{ans[j] if j < len(ans) else 9}": -0.1}
+                                                       for j in range(n_cont)]
+                return self.send(200, {"choices": [{"text": "", "logprobs": {"top_logprobs": tops}}],
+                                       "usage": {"completion_tokens": 1}, "model": name})
             ids = spec["answers"].get(body["prompt"], [9, 9, 9])[: body["max_tokens"]]
             self.send(200, {"choices": [{"text": " ".join(map(str, ids)),
                                          "logprobs": {"tokens": [f"token_id:{i}" for i in ids]}}],

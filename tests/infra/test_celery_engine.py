@@ -79,8 +79,24 @@ def test_queue_probe_runs_each_task_on_its_queue_worker_and_lands_artifacts_in_s
             probe = json.loads(fs.cat_file(f"{uri}/probe.json"))
             assert probe["worker_tag"] == q
 
+        # a re-run of a task whose artifact is complete skips the upload and says so
+        task_id = "probe_gpu_a100"
+        status, body = stack.http("POST", "/api/v2/dags/queue_probe/clearTaskInstances",
+                                  {"dry_run": False, "task_ids": [task_id], "dag_run_id": run_id,
+                                   "only_failed": False, "reset_dag_runs": True})
+        assert status == 200, body
+        run = stack.wait_run("queue_probe", run_id, timeout=120, min_try={task_id: 2})
+        assert run["state"] == "success"
+        log2 = stack.task_log("queue_probe", run_id, task_id, try_number=2)
+        assert "already complete; skipping the upload" in log2, log2[-2000:]
+        assert set(re.findall(r"WORKER_QUEUE_TAG=([\w-]+)", log2)) == {"gpu-a100"}
+        assert stack.xcom("queue_probe", run_id, task_id)["skipped"] is True
+
         # secrets never reach the logs (task logs, component logs) or XCom
         secrets_ = [stack.s3.secret_key, stack.postgres.password, stack.redis.password]
+        for q in DAG_QUEUES:
+            xcom = json.dumps(stack.xcom("queue_probe", run_id, f"probe_{q.replace('-', '_')}"))
+            assert not any(s in xcom for s in secrets_) and "@" not in xcom
         for path in stack.home.rglob("*.log"):
             text = path.read_text(errors="replace")
             for s in secrets_:
@@ -114,13 +130,15 @@ def _assert_loopback_only(pids: set[int]) -> None:
                     inodes.add(target[8:-1])
         except OSError:
             continue
-    bad = []
+    bad, found = [], []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             cols = line.split()
             local, state, inode = cols[1], cols[3], cols[9]
             if state == "0A" and inode in inodes:  # LISTEN
+                found.append(local)
                 addr = local.split(":")[0]
                 if addr not in ("0100007F", "00000000000000000000000001000000"):
                     bad.append(local)
     assert not bad, f"listeners off 127.0.0.1: {bad}"
+    assert len(found) >= 4, f"found only {found} listeners; the check did not see our servers"

@@ -1,0 +1,118 @@
+"""The whole DAG on the real small model through ``dag.test()`` (LocalExecutor semantics, in process)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from quantpipe.artifacts import uri_to_path, verify_folder
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+FAST = {"calibration_samples": 16, "max_seq_length": 128, "ppl_max_tokens": 2048, "num_prompts": 4,
+        "max_new_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def dag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags"))
+    assert bag.import_errors == {}
+    dag = bag.dags["llm_quantization"]
+    for t in dag.tasks:  # dag.test() waits out retry delays; a failure here must fail fast
+        t.retries = 0
+    return dag
+
+
+def run(dag, conf: dict):
+    from airflow.utils.session import create_session
+
+    dr = dag.test(run_conf=conf)
+    with create_session() as session:
+        tis = {ti.task_id: ti for ti in dr.get_task_instances(session=session)}
+        states = {k: str(ti.state) for k, ti in tis.items()}
+        xcom = {k: ti.xcom_pull(task_ids=k, session=session) for k, ti in tis.items()} \
+            if hasattr(tis.get("validate_params"), "xcom_pull") else {}
+    return dr, states, xcom
+
+
+def _report(artifact_root: Path, run_id: str) -> dict:
+    from quantpipe.pipeline import safe_run_id
+
+    folders = sorted((artifact_root / "runs" / safe_run_id(run_id)).glob("validation-*"))
+    assert len(folders) == 1, folders
+    verify_folder(folders[0])
+    return json.loads((folders[0] / "report.json").read_text())
+
+
+def test_fp8_run_passes_the_gate_and_publishes(dag, artifact_root):
+    dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-fp8"})
+    assert str(dr.state) == "success", states
+    assert states["quantize_fp8"] == "success" and states["quantize"] == "skipped"
+    assert states["publish_approved"] == "success"
+    rep = _report(artifact_root, dr.run_id)
+    assert rep["passed"] and rep["quantization"]["scheme"] == "FP8_DYNAMIC"
+    ppl = {c["name"]: c for c in rep["checks"]}["perplexity"]
+    assert 5 < ppl["baseline"] < 100 and ppl["baseline"] != ppl["quantized"]
+    assert abs(ppl["delta"]) < 10
+    pointer = json.loads((artifact_root / "approved" / "e2e-fp8.json").read_text())
+    approved = uri_to_path(pointer["model_uri"])
+    verify_folder(approved)
+    cfg = json.loads((approved / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    prov = json.loads((approved / "quantpipe.json").read_text())
+    assert prov["versions"]["llmcompressor"].startswith("0.14") and prov["timings"]["total_s"] > 0
+
+
+def test_gptq_run_reports_real_figures_and_reuses_the_baseline(dag, artifact_root):
+    dr, states, _ = run(dag, {**FAST, "method": "gptq", "bits": 4, "group_size": 64, "run_name": "e2e-gptq",
+                              "ppl_increase_pct": 100, "accuracy_drop_pct": 20, "min_top1_agreement": 0.5})
+    assert str(dr.state) == "success", states
+    assert states["quantize"] == "success" and states["quantize_fp8"] == "skipped"
+    rep = _report(artifact_root, dr.run_id)
+    checks = {c["name"]: c for c in rep["checks"]}
+    assert rep["quantization"]["scheme"] == "W4A16"
+    # 4-bit weights move perplexity more than FP8 does, but stay in a sane range
+    assert 0 < checks["perplexity"]["delta"] < 100
+    assert 0.5 < checks["top1_agreement"]["quantized"] < 1.0
+    assert rep["quantization"]["size_bytes"] < rep["model"]["size_bytes"]
+    cfg = json.loads((uri_to_path(rep["quantization"]["quantized_uri"]) / "config.json").read_text())
+    w = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert (w["num_bits"], w["group_size"]) == (4, 64)
+    assert "lm_head" in cfg["quantization_config"]["ignore"]
+    # baseline metrics were cached by checkpoint hash in the fp8 run (same eval settings)
+    baselines = list((artifact_root / "baselines").iterdir())
+    assert len([b for b in baselines if not b.name.startswith(".")]) == 1
+
+
+def test_impossible_tolerance_closes_the_gate(dag, artifact_root):
+    dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-strict",
+                              "ppl_increase_pct": 0, "min_top1_agreement": 1.0})
+    assert states["validate"] == "success"
+    assert states["gate"] == "success" and states["publish_approved"] == "skipped"
+    assert not (artifact_root / "approved" / "e2e-strict.json").exists()
+    rep = _report(artifact_root, dr.run_id)
+    assert not rep["passed"] and "top1_agreement" in rep["failed_checks"]
+
+
+def test_bad_params_stop_at_validation(dag):
+    dr, states, _ = run(dag, {"method": "fp8", "bits": 4})
+    assert str(dr.state) == "failed"
+    assert states["validate_params"] == "failed"
+    assert states["prep_checkpoint"] == "upstream_failed"
+
+
+def test_corrupt_checkpoint_is_refused(dag, model_dir, tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(model_dir, bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "model_uri": str(bad)})
+    assert str(dr.state) == "failed"
+    assert states["prep_checkpoint"] == "failed"
+    assert states["quantize_fp8"] in ("upstream_failed", "skipped")
