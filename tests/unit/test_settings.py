@@ -52,8 +52,8 @@ def test_out_of_range_values_refused():
 
 
 def test_group_size_must_divide_layer_widths():
-    check_group_size(QuantSettings(group_size=64), 576, 1536)
+    check_group_size(QuantSettings(method="gptq", bits=4, group_size=64), 576, 1536)
     with pytest.raises(QuantizationError, match=r"group_size 128 does not divide.*hidden_size.*fit this model: "
                                                 r"\[16, 32, 64, 96, 192\]"):
-        check_group_size(QuantSettings(group_size=128), 576, 1536)
+        check_group_size(QuantSettings(method="gptq", bits=4, group_size=128), 576, 1536)
     check_group_size(QuantSettings(method="fp8", bits=8, group_size=128), 576, 1536)  # no groups: fine

@@ -1,0 +1,51 @@
+# Two commands set up a fresh machine:
+#   make demo   - install, start Airflow (LocalExecutor, SQLite, 127.0.0.1) and run the DAG on the small model
+#   make test   - the whole test suite (what CI runs through .ci/run)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+DEMO_CONF ?= {}
+
+.PHONY: venv assets demo stop test test-fast serving-env services bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip wheel
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+assets: venv
+	$(PY) scripts/prepare_assets.py
+
+serving-env:
+	@if [ -x scripts/setup_serving_env.sh ]; then scripts/setup_serving_env.sh; fi
+
+services:
+	@if [ -x scripts/setup_test_services.sh ]; then scripts/setup_test_services.sh; fi
+
+demo: assets serving-env
+	$(PY) scripts/airflow_local.py start
+	$(PY) scripts/airflow_local.py trigger '$(DEMO_CONF)'
+
+stop:
+	$(PY) scripts/airflow_local.py stop
+
+test: assets serving-env services
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+
+test-fast: assets
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+bench: assets
+	$(PY) bench/stage_bench.py
+
+clean: stop
+	rm -rf .airflow .artifacts
