@@ -229,7 +229,7 @@ def test_bind_mounts_and_build_inputs_exist(config):
 
 # ---------------------------------------------------------------------------- pin lint
 def test_dockerfile_pip_installs_come_from_the_requirements_files():
-    known = {p.name for p in REPO.glob("requirements*.txt")}
+    known = {p.name for p in REPO.glob("requirements*.txt")} | {p.name for p in REPO.glob("constraints*.txt")}
     shared = {}
     for f in SHARED_ENV_FILES:
         if (REPO / f).exists():
@@ -241,12 +241,14 @@ def test_dockerfile_pip_installs_come_from_the_requirements_files():
             for tokens in pip_installs(run):
                 it = iter(tokens)
                 for tok in it:
-                    if tok in ("-r", "--requirement"):
+                    if tok in ("-r", "--requirement", "-c", "--constraint"):
                         req = next(it)
                         base = Path(req).name
-                        if base == "requirements-no-torch.txt":  # requirements.txt minus torch, built in the RUN
+                        if base in ("requirements-no-torch.txt", "constraints-no-torch.txt"):
+                            # the repo file minus its torch line, written in the same RUN
+                            assert f"grep -v '^torch==' {base.replace('-no-torch', '')}" in run, run
                             continue
-                        if not base.startswith("requirements"):
+                        if not base.startswith(("requirements", "constraints")):
                             problems.append(f"{name}: installs -r {req}, not a repo requirements file")
                         elif base not in known:
                             problems.append(f"{name}: installs -r {req}, but {base} is missing from the repo")
@@ -294,6 +296,13 @@ def test_requirements_files_agree_and_match_the_dev_venv():
         except importlib.metadata.PackageNotFoundError:
             problems.append(f"{pkg}=={ver} ({f}) is not installed in this venv")
             continue
-        if installed != ver:
+        # `torch==2.13.0` is satisfied by 2.13.0+cpu: local tags only count when pinned
+        if installed != ver and ("+" in ver or base_version(installed) != ver):
             problems.append(f"{pkg}: {f} pins {ver}, this venv has {installed}")
+    constraints = REPO / "constraints.txt"
+    if constraints.exists():  # the exact transitive pins must not contradict the requirements
+        exact = parse_requirements(constraints)
+        for pkg, (f, ver) in merged.items():
+            if pkg in exact and base_version(exact[pkg]) != base_version(ver):
+                problems.append(f"{pkg}: {f} pins {ver}, constraints.txt pins {exact[pkg]}")
     assert not problems, "\n".join(problems)
