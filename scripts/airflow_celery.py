@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,20 +245,28 @@ def _worker_ready(stack: CeleryStack, q: str) -> bool:
 
 @contextmanager
 def celery_stack(workdir: Path | None = None, dags_folder: Path = REPO / "dags",
-                 queues: tuple[str, ...] = QUEUES, startup_timeout: float = 240) -> Iterator[CeleryStack]:
-    """Start everything, yield a ``CeleryStack`` once every component is healthy, stop by PID."""
-    workdir = Path(workdir) if workdir else short_tmpdir("qp-engine-")
+                 queues: tuple[str, ...] = QUEUES, startup_timeout: float = 240,
+                 keep_workdir: bool = False) -> Iterator[CeleryStack]:
+    """Start everything, yield a ``CeleryStack`` once every component is healthy, stop by PID.
+
+    Without ``workdir`` a temporary one is used and removed afterwards unless ``keep_workdir``.
+    """
+    remove_after = workdir is None and not keep_workdir
+    workdir = Path(workdir).resolve() if workdir else short_tmpdir("qp-engine-")
+    workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o755)
     airflow = venv_bin("airflow")
     t0 = time.monotonic()
     with ExitStack() as es:
+        if remove_after:  # runs last: after every process has stopped
+            es.callback(shutil.rmtree, workdir, True)
         redis = es.enter_context(redis_server(workdir / "redis"))
         pg = es.enter_context(postgres_server(workdir / "pg"))
         s3 = es.enter_context(seaweedfs_server(workdir / "s3", bucket=BUCKET))
         t_servers = time.monotonic() - t0
         port = free_port()
         home = workdir / "airflow"
-        env = _airflow_env(home, Path(dags_folder), port, redis, pg, s3)
+        env = _airflow_env(home, Path(dags_folder).resolve(), port, redis, pg, s3)
         stack = CeleryStack(base_url=f"http://{HOST}:{port}", home=home, log_folder=home / "logs", env=env,
                             redis=redis, postgres=pg, s3=s3)
         r = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True)
@@ -318,9 +327,10 @@ def main() -> None:
     ap.add_argument("--dag", default="llm_quantization")
     ap.add_argument("--conf", default="{}")
     ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: a temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary workdir (logs, data)")
     a = ap.parse_args()
-    with celery_stack(a.workdir, a.dags) as stack:
+    with celery_stack(a.workdir, a.dags, keep_workdir=a.keep) as stack:
         print(f"UI/API: {stack.base_url} (admin/admin); S3 endpoint {stack.s3.endpoint}, bucket {BUCKET}, "
               f"Airflow connection {CONN_ID}; logs under {stack.home}")
         if a.cmd == "up":
