@@ -101,9 +101,9 @@ def teacher_forced(base_url: str, model: str, prompt: str, expected_ids: list[in
     top1, in_k = [], []
     for exp, top in zip(expected_ids, tops):
         ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
-        ids = [int(k.split(":", 1)[1]) for k, _ in ranked]
+        ids = [int(k.split(":", 1)[1]) for k, _ in ranked]  # vLLM adds the given token to the top-k
         top1.append(ids[0] if ids else -1)
-        in_k.append(exp in ids)
+        in_k.append(exp in ids[:top_k])
     return top1, in_k
 
 

@@ -56,10 +56,13 @@ class DeploySettings(BaseModel):
     request_timeout_s: float = Field(120, gt=0, title="Timeout of one health/bench request")
     health_num_prompts: int = Field(3, ge=1, le=64, title="Validation prompts replayed by the health check")
     health_max_tokens: int = Field(16, ge=1, le=1024, title="Greedy tokens compared per prompt")
-    health_min_agreement: float = Field(0.5, ge=0, le=1, title="Mean prefix agreement needed",
-                                        description="Share of the validated greedy tokens that vLLM must reproduce "
-                                                    "before diverging, averaged over the prompts")
-    health_min_prefix_tokens: int = Field(2, ge=0, title="Tokens every prompt must reproduce exactly")
+    health_min_agreement: float = Field(0.75, ge=0, le=1, title="Teacher-forced agreement needed",
+                                        description="Share of validated continuation positions where vLLM's own "
+                                                    "top-1 token is the validated one (measured here: FP8 0.92, "
+                                                    "BF16 ~1.0, a wrong-config model 0.03)")
+    health_min_prefix_tokens: int = Field(0, ge=0, title="Greedy tokens every prompt must reproduce exactly",
+                                          description="0 = off: measured FP8 on vLLM vs transformers flips even the "
+                                                      "first token of a near-tie prompt")
 
     @field_validator("host")
     @classmethod
