@@ -93,24 +93,39 @@ def llm_quantization():
         from quantpipe.pipeline import run_validation
 
         ctx = get_current_context()
-        pulled = ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"])
-        quant = next(q for q in (pulled or []) if q)
+        quant = _pick(ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"]))
         return run_validation(settings, prep, quant, ctx["run_id"])
 
-    @task.short_circuit(task_display_name="Gate", retries=0)
-    def gate(validation: dict) -> bool:
-        from quantpipe.pipeline import gate as run
+    def _remediation(attempt: int):
+        @task(task_id=f"remediate_{attempt}", task_display_name=f"4b. Remediation attempt {attempt}",
+              queue=QUEUE_QUANTIZE, trigger_rule=TriggerRule.NONE_FAILED, execution_timeout=timedelta(hours=8))
+        def remediate(settings: dict, prep: dict) -> dict:
+            from airflow.sdk.exceptions import AirflowSkipException
 
-        return run(validation)
+            from quantpipe.pipeline import remediate as run
+
+            ctx = get_current_context()
+            results = ctx["ti"].xcom_pull(task_ids=RESULT_TASKS[:attempt])
+            out = run(settings, prep, list(results or []), attempt, ctx["run_id"])
+            if out is None:
+                raise AirflowSkipException(f"remediation attempt {attempt} not needed or not enabled")
+            return out
+
+        return remediate
+
+    @task.short_circuit(task_display_name="Gate", retries=0, trigger_rule=TriggerRule.NONE_FAILED)
+    def gate() -> bool:
+        from quantpipe.pipeline import gate as run, latest_result
+
+        return run(latest_result(get_current_context()["ti"].xcom_pull(task_ids=RESULT_TASKS)))
 
     @task(queue=QUEUE_SERVING, task_display_name="5. Publish approved model")
-    def publish_approved(settings: dict, validation: dict) -> dict:
-        from quantpipe.pipeline import publish_approved as run
+    def publish_approved(settings: dict) -> dict:
+        from quantpipe.pipeline import latest_result, publish_approved as run
 
         ctx = get_current_context()
-        pulled = ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"])
-        quant = next(q for q in (pulled or []) if q)
-        return run(settings, quant, validation, ctx["run_id"])
+        final = latest_result(ctx["ti"].xcom_pull(task_ids=RESULT_TASKS))
+        return run(final["settings"], final, ctx["run_id"])
 
     settings = validate_params()
     prep = prep_checkpoint(settings)
@@ -121,8 +136,20 @@ def llm_quantization():
     branch >> [q_int, q_fp8]
     checked = validate(settings, prep)
     [q_int, q_fp8] >> checked
-    ok = gate(checked)
-    ok >> publish_approved(settings, checked)
+    r1 = _remediation(1)(settings, prep)
+    r2 = _remediation(2)(settings, prep)
+    checked >> r1 >> r2
+    ok = gate()
+    r2 >> ok
+    ok >> publish_approved(settings)
+
+
+RESULT_TASKS = ["validate", "remediate_1", "remediate_2"]
+
+
+def _pick(pulled) -> dict:
+    """The one quantize branch that ran."""
+    return next(q for q in (pulled or []) if q)
 
 
 llm_quantization()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from annotated_types import Ge, Gt, Le, Lt
 
 from .settings import (GROUP_SIZES, METHODS, CalibrationSettings, EvalSettings, PipelineParams,
-                       QuantSettings, Tolerances, _SAFE_NAME)
+                       QuantSettings, RemediationSettings, Tolerances, _SAFE_NAME)
 
 # flat form name -> (settings model, field name)
 FIELDS: dict[str, tuple[type, str]] = {
@@ -25,17 +25,24 @@ FIELDS: dict[str, tuple[type, str]] = {
     "ppl_max_tokens": (EvalSettings, "ppl_max_tokens"),
     "num_prompts": (EvalSettings, "num_prompts"),
     "max_new_tokens": (EvalSettings, "max_new_tokens"),
+    "task_limit": (EvalSettings, "task_limit"),
     "ppl_increase_pct": (Tolerances, "ppl_increase_pct"),
     "accuracy_drop_pct": (Tolerances, "accuracy_drop_pct"),
     "min_top1_agreement": (Tolerances, "min_top1_agreement"),
+    "max_mean_kl": (Tolerances, "max_mean_kl"),
+    "category_drop_pct": (Tolerances, "category_drop_pct"),
     "min_token_agreement": (Tolerances, "min_token_agreement"),
+    "remediation": (RemediationSettings, "enabled"),
+    "remediation_attempts": (RemediationSettings, "max_attempts"),
 }
 SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization", "bits": "Quantization",
             "group_size": "Quantization", "calibration_samples": "Calibration", "max_seq_length": "Calibration",
             "calibration_dataset": "Calibration", "seed": "Calibration", "ppl_max_tokens": "Evaluation",
             "num_prompts": "Evaluation", "max_new_tokens": "Evaluation", "ppl_increase_pct": "Gate tolerances",
             "accuracy_drop_pct": "Gate tolerances", "min_top1_agreement": "Gate tolerances",
-            "min_token_agreement": "Gate tolerances"}
+            "min_token_agreement": "Gate tolerances", "task_limit": "Evaluation", "max_mean_kl": "Gate tolerances",
+            "category_drop_pct": "Gate tolerances", "remediation": "Remediation",
+            "remediation_attempts": "Remediation"}
 EXTRA = {
     "method": {"enum": list(METHODS)},
     "bits": {"enum": [4, 8]},
@@ -49,9 +56,13 @@ def form_fields() -> dict[str, tuple[object, dict]]:
     out = {}
     for name, (model, field) in FIELDS.items():
         info = model.model_fields[field]
-        default = info.default
+        default = info.get_default(call_default_factory=True)
         ann = info.annotation
-        if ann is int:
+        if ann is bool:
+            schema: dict = {"type": "boolean"}
+        elif ann == dict[str, float]:
+            schema = {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}}
+        elif ann is int:
             schema: dict = {"type": "integer"}
         elif ann is float:
             schema = {"type": "number"}

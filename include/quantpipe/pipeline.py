@@ -16,15 +16,17 @@ from pathlib import Path
 
 from .artifacts import ArtifactStore, path_to_uri, uri_to_path
 from .assets.corpus import builtin_corpus, read_texts
+from .assets.tasks import builtin_tasks
 from .calibration.dataset import build_calibration_set, load_samples
 from .errors import PipelineError
-from .prep.baseline import BASELINE_FILE, compute_baseline
+from .prep.baseline import BASELINE_FILE, compute_baseline, load_reference
 from .prep.checkpoint import resolve_model_uri, verify_checkpoint
 from .quantization.recipes import check_group_size
 from .quantization.run import PROVENANCE, quantize
 from .settings import Environment, PipelineParams
 from .validation.checks import run_checks
-from .validation.metrics import measure
+from .validation.metrics import load_model, measure
+from .validation.sensitivity import most_sensitive, sensitivity
 from .validation.report import REPORT_HTML, REPORT_JSON, build_report, render_html
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,9 @@ def prep_checkpoint(params: dict) -> dict:
     check_group_size(p.quant, info.hidden_size, info.intermediate_size)
     corpus = builtin_corpus(env.cache_dir)
     t0 = time.perf_counter()
+    tasks = builtin_tasks(env.cache_dir) if p.evaluation.task_limit else None
     uri, metrics, reused = compute_baseline(store, folder, info.checkpoint_hash, corpus / "heldout.jsonl",
-                                            p.evaluation)
+                                            p.evaluation, tasks)
     ppl = metrics["perplexity"]["perplexity"]
     log.info("baseline perplexity %.3f (%s, %.1f s)", ppl, "cached" if reused else "computed",
              time.perf_counter() - t0)
@@ -93,12 +96,26 @@ def run_quantization(params: dict, prep: dict, calib: dict) -> dict:
             "seconds": res.seconds, "size_bytes": res.size_bytes, "reused": res.reused}
 
 
-def run_validation(params: dict, prep: dict, quant: dict, run_id: str) -> dict:
+def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: str = "validation",
+                   extra: dict | None = None) -> dict:
+    """Measure the quantized model exactly as the baseline was measured, check, rank layer
+    sensitivity, and write one report (JSON + HTML) under runs/<run_id>/<label>-*."""
     p, env, store = _ctx(params)
-    baseline = json.loads((uri_to_path(prep["baseline_uri"]) / BASELINE_FILE).read_text())
+    bfolder = uri_to_path(prep["baseline_uri"])
+    baseline = json.loads((bfolder / BASELINE_FILE).read_text())
     qpath = uri_to_path(quant["quantized_uri"])
     heldout = read_texts(builtin_corpus(env.cache_dir) / "heldout.jsonl")
-    quantized = measure(qpath, heldout, p.evaluation)
+    tasks = builtin_tasks(env.cache_dir) if p.evaluation.task_limit else None
+    quantized = measure(qpath, heldout, p.evaluation, tasks_dir=tasks, reference=load_reference(bfolder),
+                        keep_model=True)
+    quantized.pop("dist")
+    qmodel, ids = quantized.pop("model"), quantized.pop("heldout_ids")
+    sens = None
+    if p.evaluation.sensitivity_layers:
+        bmodel, _ = load_model(uri_to_path(prep["checkpoint_uri"]))
+        sens = sensitivity(bmodel, qmodel, ids, p.evaluation.ppl_window, p.evaluation.sensitivity_layers)
+        del bmodel
+    del qmodel
     checks, cons = run_checks(baseline, quantized, p.tolerances)
     for c in checks:
         log.info("check %-24s baseline %.4g quantized %.4g delta %+.4g threshold %s -> %s", c.name,
@@ -111,13 +128,19 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str) -> dict:
                "size_bytes": prep["size_bytes"]},
         quantization={**quant, "provenance": prov}, baseline=baseline, quantized=quantized,
         checks=checks, consistency=cons, tolerances=p.tolerances.model_dump())
+    report["sensitivity"] = sens
+    report["accuracy"] = {"baseline": _no_items(baseline.get("accuracy")),
+                          "quantized": _no_items(quantized.get("accuracy"))}
+    report["kl"] = quantized["perplexity"].get("kl")
+    if extra:
+        report.update(extra)
     rid = safe_run_id(run_id)
-    name = f"validation-{quant['method']}-{time.strftime('%Y%m%dT%H%M%S')}"
+    name = f"{label}-{quant['method']}-{time.strftime('%Y%m%dT%H%M%S')}"
     with store.writing("runs", rid, name, meta={"passed": report["passed"]}) as out:
         (out / REPORT_JSON).write_text(json.dumps(report, indent=1))
         (out / REPORT_HTML).write_text(render_html(report))
     folder = store.path("runs", rid, name)
-    log.info("validation %s; report: %s", "PASSED" if report["passed"] else
+    log.info("%s %s; report: %s", label, "PASSED" if report["passed"] else
              "FAILED (" + ", ".join(report["failed_checks"]) + ")", folder / REPORT_HTML)
     return {"report_uri": path_to_uri(folder / REPORT_JSON), "report_html_uri": path_to_uri(folder / REPORT_HTML),
             "passed": report["passed"], "failed_checks": report["failed_checks"],
@@ -125,8 +148,74 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str) -> dict:
             "perplexity_quantized": quantized["perplexity"]["perplexity"],
             "token_agreement": cons["token_agreement"], "exact_match_rate": cons["exact_match_rate"],
             "top1_agreement": cons["top1_agreement"],
+            "mean_kl": (quantized["perplexity"].get("kl") or {}).get("mean"),
             "next_token_accuracy_baseline": baseline["perplexity"]["next_token_accuracy"],
-            "next_token_accuracy_quantized": quantized["perplexity"]["next_token_accuracy"]}
+            "next_token_accuracy_quantized": quantized["perplexity"]["next_token_accuracy"],
+            "sensitive_layers": most_sensitive(sens, 16) if sens else [],
+            "quant": quant, "settings": params, **({"attempt": extra["remediation"]["attempt"]} if extra else {})}
+
+
+def _no_items(acc: dict | None) -> dict | None:
+    if not acc:
+        return None
+    return {**acc, "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "per_item"}
+                             for k, v in acc["tasks"].items()}}
+
+
+def latest_result(results: list[dict | None]) -> dict:
+    """The last validation that ran (validate, then each remediation attempt in order)."""
+    done = [r for r in results if r]
+    if not done:
+        raise PipelineError("no validation result to act on")
+    return done[-1]
+
+
+def safer_settings(params: dict, previous: dict, attempt: int, n_layers: int) -> tuple[dict, dict]:
+    """A safer recipe than ``previous`` used: keep the most sensitive layers and the first and
+    last decoder blocks unquantized, halve the group size (gptq/awq), double the calibration
+    samples. Returns (new params, a description of the changes)."""
+    p = PipelineParams.model_validate(previous["settings"])
+    keep = p.remediation.keep_sensitive_layers * attempt
+    sensitive = [x for x in previous.get("sensitive_layers", [])[:keep]]
+    edge = [r"re:model\.layers\.0\..*", rf"re:model\.layers\.{n_layers - 1}\..*"]
+    ignore = list(dict.fromkeys([*p.quant.ignore, *edge, *sensitive]))
+    q = p.quant.model_dump()
+    q["ignore"] = tuple(ignore)
+    changes = {"kept_unquantized": ignore}
+    if p.quant.uses_groups:
+        smaller = [g for g in (32, 64, 96, 192) if g < p.quant.group_size and
+                   p.quant.group_size % g == 0] or [p.quant.group_size]
+        q["group_size"] = max(smaller) if smaller[0] != p.quant.group_size else p.quant.group_size
+        changes["group_size"] = [p.quant.group_size, q["group_size"]]
+    c = p.calibration.model_dump()
+    if p.quant.needs_calibration:
+        c["num_samples"] = min(p.calibration.num_samples * 2, 4096)
+        changes["calibration_samples"] = [p.calibration.num_samples, c["num_samples"]]
+    new = p.model_copy(update={"quant": type(p.quant)(**q), "calibration": type(p.calibration)(**c)})
+    return new.model_dump(mode="json"), changes
+
+
+def remediate(params: dict, prep: dict, previous: list[dict | None], attempt: int, run_id: str) -> dict | None:
+    """One remediation attempt, or None when none is needed (last result passed, remediation
+    off, or attempts exhausted). The caller turns None into a visible skip."""
+    p = PipelineParams.model_validate(params)
+    last = latest_result(previous)
+    if last["passed"]:
+        log.info("remediation attempt %d not needed: the last validation passed", attempt)
+        return None
+    if not p.remediation.enabled or attempt > p.remediation.max_attempts:
+        log.info("remediation attempt %d not run (enabled=%s, max_attempts=%d)", attempt,
+                 p.remediation.enabled, p.remediation.max_attempts)
+        return None
+    n_layers = json.loads((uri_to_path(prep["checkpoint_uri"]) / "config.json").read_text())["num_hidden_layers"]
+    new_params, changes = safer_settings(params, last, attempt, n_layers)
+    log.info("remediation attempt %d after %s failed: %s", attempt, ", ".join(last["failed_checks"]), changes)
+    calib = build_calibration(new_params, prep)
+    quant = run_quantization(new_params, prep, calib)
+    first_size = latest_result(previous[:1] or previous)["quant"]["size_bytes"]
+    extra = {"remediation": {"attempt": attempt, "after_failed_checks": last["failed_checks"], "changes": changes,
+                             "size_bytes": quant["size_bytes"], "size_vs_first_attempt": quant["size_bytes"] / first_size}}
+    return run_validation(new_params, prep, quant, run_id, label=f"remediation{attempt}", extra=extra)
 
 
 def gate(validation: dict) -> bool:
@@ -138,13 +227,15 @@ def gate(validation: dict) -> bool:
     return bool(validation["passed"])
 
 
-def publish_approved(params: dict, quant: dict, validation: dict, run_id: str) -> dict:
+def publish_approved(params: dict, validation: dict, run_id: str) -> dict:
     """Record the approved model's URI: a per-run record and a per-model pointer (atomic replace)."""
     p, env, store = _ctx(params)
     if not validation["passed"]:
         raise PipelineError("refusing to publish a model whose validation failed")
+    quant = validation["quant"]
     record = {"run_id": run_id, "run_name": p.run_name, "model_uri": quant["quantized_uri"],
               "scheme": quant["scheme"], "method": quant["method"], "report_uri": validation["report_uri"],
+              "remediation_attempt": validation.get("attempt", 0),
               "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rid = safe_run_id(run_id)
     with store.writing("runs", rid, "approved") as out:

@@ -89,6 +89,11 @@ class EvalSettings(_Frozen):
     ppl_window: int = Field(512, ge=64, le=8192, title="Perplexity window (tokens)")
     num_prompts: int = Field(8, ge=1, le=256, title="Greedy consistency prompts")
     max_new_tokens: int = Field(32, ge=1, le=1024, title="Greedy tokens per prompt")
+    task_limit: int = Field(40, ge=0, le=5000, title="Items per task set",
+                            description="Items of each lm-eval task set scored (0 skips task accuracy)")
+    tasks: tuple[str, ...] = Field(("qp_piqa", "qp_siqa", "qp_openbookqa", "qp_mmlu", "qp_asdiv"),
+                                   title="Task sets (categories)")
+    sensitivity_layers: int = Field(8, ge=0, le=512, title="Layers probed for loss impact")
 
 
 class Tolerances(_Frozen):
@@ -100,9 +105,22 @@ class Tolerances(_Frozen):
     min_top1_agreement: float = Field(0.8, ge=0, le=1, title="Top-1 agreement floor",
                                       description="Share of held-out positions where the quantized model "
                                                   "predicts the same next token as the baseline")
+    max_mean_kl: float = Field(0.25, ge=0, title="KL divergence ceiling (nats)",
+                               description="Largest accepted mean KL(baseline || quantized) of next-token "
+                                           "distributions on held-out text")
+    category_drop_pct: dict[str, float] = Field(default_factory=dict, title="Per-category tolerances (points)",
+                                                description="Override accuracy_drop_pct for a task set, e.g. "
+                                                            '{"qp_asdiv": 10}')
     min_token_agreement: float = Field(0.05, ge=0, le=1, title="Greedy consistency floor",
                                        description="Share of the baseline's greedy tokens the quantized model "
                                                    "reproduces before its output first diverges")
+
+
+class RemediationSettings(_Frozen):
+    enabled: bool = Field(True, title="Auto-remediation",
+                          description="When the gate fails, re-quantize with a safer recipe and validate again")
+    max_attempts: int = Field(2, ge=0, le=2, title="Remediation attempts")
+    keep_sensitive_layers: int = Field(6, ge=0, le=64, title="Sensitive layers kept unquantized per attempt")
 
 
 class PipelineParams(_Frozen):
@@ -116,6 +134,7 @@ class PipelineParams(_Frozen):
     calibration: CalibrationSettings = CalibrationSettings()
     evaluation: EvalSettings = EvalSettings()
     tolerances: Tolerances = Tolerances()
+    remediation: RemediationSettings = RemediationSettings()
 
     @field_validator("run_name")
     @classmethod
@@ -146,9 +165,14 @@ class PipelineParams(_Frozen):
                 **({"dataset_path": f["calibration_dataset"]} if f.get("calibration_dataset") else {}),
                 **pick(("seed",)),
             }),
-            evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens"))),
+            evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens", "task_limit"))),
             tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_top1_agreement",
-                                          "min_token_agreement"))),
+                                          "max_mean_kl", "category_drop_pct", "min_token_agreement"))),
+            remediation=RemediationSettings(**{
+                **({"enabled": f["remediation"]} if f.get("remediation") is not None else {}),
+                **({"max_attempts": f["remediation_attempts"]} if f.get("remediation_attempts") is not None
+                   else {}),
+            }),
         )
 
 

@@ -33,7 +33,14 @@ def load_model(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    kwargs = {}
+    if "quantization_config" in json.loads((path / "config.json").read_text()):
+        from transformers import CompressedTensorsConfig
+
+        # dense (decompressed) weights: inspectable per layer, and faster on CPU than
+        # dequantizing on every forward; activation quantization (FP8/W8A8) still applies
+        kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kwargs)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
@@ -51,32 +58,70 @@ def heldout_token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[int]
     return ids[:max_tokens]
 
 
-def perplexity(model, token_ids: list[int], window: int) -> dict:
-    """Mean next-token NLL over non-overlapping windows -> perplexity, plus the model's
-    top-1 prediction at every position (next-token accuracy, and agreement with another model)."""
+TOPK = 32
+
+
+def perplexity(model, token_ids: list[int], window: int, reference: dict | None = None) -> dict:
+    """Mean next-token NLL over non-overlapping windows -> perplexity, plus at every position
+    the model's top-1 prediction and its top-``TOPK`` log-probabilities (``dist``, for use
+    as the reference of another model). With ``reference`` (a baseline's ``dist``) it also
+    returns the KL divergence KL(baseline || model) per position, computed over the
+    baseline's top-k tokens plus one bucket for the rest of the vocabulary (a lower bound
+    of the full KL, tight when the baseline's mass sits in its top-k)."""
     import torch
 
     t0 = time.perf_counter()
     nll, count, correct = 0.0, 0, 0
     top1: list[int] = []
+    topk_ids, topk_logp, kls = [], [], []
     windows = [token_ids[i:i + window] for i in range(0, len(token_ids), window)]
     windows = [w for w in windows if len(w) > 1]
+    pos = 0
     with torch.inference_mode():
         for w in windows:
             x = torch.tensor([w])
             logits = model(input_ids=x).logits[0, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+            logp = torch.log_softmax(logits, -1)
+            loss = torch.nn.functional.nll_loss(logp, x[0, 1:], reduction="sum")
             pred = logits.argmax(-1)
             correct += int((pred == x[0, 1:]).sum())
             top1.extend(pred.tolist())
+            v, i = logp.topk(TOPK, -1)
+            topk_ids.append(i.to(torch.int32))
+            topk_logp.append(v)
+            if reference is not None:
+                n = logp.shape[0]
+                r_ids = reference["topk_ids"][pos:pos + n].long()
+                r_lp = reference["topk_logp"][pos:pos + n].float()
+                p_k = r_lp.exp()
+                q_k = logp.gather(1, r_ids).exp()
+                p_rest = (1 - p_k.sum(1)).clamp_min(1e-12)
+                q_rest = (1 - q_k.sum(1)).clamp_min(1e-12)
+                kl = (p_k * (r_lp - q_k.clamp_min(1e-30).log())).sum(1) + p_rest * (p_rest.log() - q_rest.log())
+                kls.append(kl.clamp_min(0))
+            pos += logp.shape[0]
             nll += loss.item()
             count += len(w) - 1
     secs = time.perf_counter() - t0
     ppl = math.exp(nll / count)
     log.info("perplexity %.3f over %d tokens (%d windows) in %.1f s (%.0f tokens/s)",
              ppl, count, len(windows), secs, count / secs)
-    return {"perplexity": ppl, "nll": nll / count, "tokens": count, "seconds": round(secs, 2),
-            "next_token_accuracy": correct / count, "top1": top1}
+    out = {"perplexity": ppl, "nll": nll / count, "tokens": count, "seconds": round(secs, 2),
+           "next_token_accuracy": correct / count, "top1": top1,
+           "dist": {"topk_ids": torch.cat(topk_ids), "topk_logp": torch.cat(topk_logp).half()}}
+    if kls:
+        kl = torch.cat(kls)
+        out["kl"] = {"mean": float(kl.mean()), "p95": float(kl.quantile(0.95)), "max": float(kl.max()),
+                     "histogram": _histogram(kl)}
+    return out
+
+
+def _histogram(values, bins: int = 20) -> dict:
+    import torch
+
+    top = max(float(values.max()), 1e-6)
+    counts = torch.histc(values, bins=bins, min=0.0, max=top)
+    return {"edges": [round(top * i / bins, 6) for i in range(bins + 1)], "counts": [int(c) for c in counts]}
 
 
 def top1_agreement(baseline_top1: list[int], candidate_top1: list[int]) -> float:
@@ -103,16 +148,26 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     return out
 
 
-def measure(path: Path, heldout_texts: list[str], s: EvalSettings) -> dict:
-    """Everything validation compares: perplexity and greedy outputs."""
+def measure(path: Path, heldout_texts: list[str], s: EvalSettings, tasks_dir: Path | None = None,
+            reference: dict | None = None, keep_model: bool = False) -> dict:
+    """Everything validation compares: perplexity (+KL against ``reference``), greedy outputs
+    and task accuracy. One model load. ``dist`` (tensors) is returned for the caller to store."""
     t0 = time.perf_counter()
     model, tok = load_model(path)
     t_load = time.perf_counter() - t0
     ids = heldout_token_ids(tok, heldout_texts, s.ppl_max_tokens)
-    ppl = perplexity(model, ids, s.ppl_window)
+    ppl = perplexity(model, ids, s.ppl_window, reference)
+    dist = ppl.pop("dist")
     gens = greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens)
-    return {"perplexity": ppl, "generations": gens, "load_seconds": round(t_load, 2),
-            "settings": s.model_dump()}
+    out = {"perplexity": ppl, "generations": gens, "load_seconds": round(t_load, 2),
+           "settings": s.model_dump(), "dist": dist}
+    if tasks_dir is not None and s.task_limit > 0 and s.tasks:
+        from .accuracy import task_accuracy
+
+        out["accuracy"] = task_accuracy(model, tok, tasks_dir, list(s.tasks), s.task_limit)
+    if keep_model:
+        out["model"], out["heldout_ids"] = model, ids
+    return out
 
 
 def consistency(baseline: list[dict], candidate: list[dict]) -> dict:

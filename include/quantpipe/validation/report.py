@@ -42,22 +42,50 @@ def _plot_png(report: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
-    p = report["perplexity"]
-    a.bar(["baseline", "quantized"], [p["baseline"]["perplexity"], p["quantized"]["perplexity"]],
-          color=["#888", "#2a7"])
-    a.set_title("Held-out perplexity")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7))
+    (a, b), (c, d) = axes
+    acc = report.get("accuracy") or {}
+    bt, qt = (acc.get("baseline") or {}).get("tasks", {}), (acc.get("quantized") or {}).get("tasks", {})
+    names = [n for n in bt if n in qt]
+    if names:
+        x = range(len(names))
+        a.bar([i - 0.2 for i in x], [bt[n]["score"] for n in names], 0.4, label="baseline", color="#888")
+        a.bar([i + 0.2 for i in x], [qt[n]["score"] for n in names], 0.4, label="quantized", color="#2a7")
+        a.set_xticks(list(x), [n.removeprefix("qp_") for n in names])
+        a.legend()
+    a.set_title("Task accuracy per category")
+    kl = report.get("kl")
+    if kl:
+        e, cts = kl["histogram"]["edges"], kl["histogram"]["counts"]
+        b.bar(e[:-1], cts, width=(e[1] - e[0]), align="edge", color="#57c")
+        b.set_yscale("log")
+        b.set_xlabel("KL(baseline || quantized), nats per token")
+    b.set_title("Next-token KL divergence on held-out text")
+    sens = (report.get("sensitivity") or {}).get("layers", [])[:10]
+    if sens:
+        vals = [r.get("loss_delta", 0) or 0 for r in sens]
+        c.barh([r["layer"].removeprefix("model.") for r in sens][::-1], vals[::-1], color="#d62")
+        c.set_xlabel("held-out NLL increase with only this layer quantized")
+    c.set_title("Most sensitive layers")
     per = report["consistency"]["per_prompt"]
     n_tok = report["eval_settings"]["max_new_tokens"] if report.get("eval_settings") else 0
     vals = [n_tok if x["exact"] else x["first_divergence"] for x in per]
-    b.bar(range(len(vals)), vals, color=["#2a7" if x["exact"] else "#d62" for x in per])
-    b.set_title("Greedy tokens matching the baseline, per prompt")
-    b.set_xlabel("prompt")
+    d.bar(range(len(vals)), vals, color=["#2a7" if x["exact"] else "#d62" for x in per])
+    d.set_title("Greedy tokens matching the baseline, per prompt")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _remediation_html(report: dict) -> str:
+    r = report.get("remediation")
+    if not r:
+        return ""
+    return (f"<h2>Remediation attempt {r['attempt']}</h2><p>after {html.escape(', '.join(r['after_failed_checks']))} "
+            f"failed: {html.escape(json.dumps(r['changes']))}; size {r['size_bytes'] / 1e6:.1f} MB "
+            f"({r['size_vs_first_attempt']:.2f}x the first attempt)</p>")
 
 
 def render_html(report: dict) -> str:
@@ -90,5 +118,8 @@ quantization {q.get('seconds', 0):.1f} s.</p>
 greedy exact-match rate {report['consistency']['exact_match_rate']:.2f},
 token agreement {report['consistency']['token_agreement']:.3f}</p>
 <table><tr><th>prompt</th><th>baseline</th><th>quantized</th><th>divergence</th></tr>{gens}</table>
+{_remediation_html(report)}
+<h2>Layer sensitivity</h2><table><tr><th>layer</th><th>relative weight error</th><th>NLL increase</th></tr>
+{"".join(f"<tr><td>{e(r['layer'])}</td><td>{r['rel_error']:.4f}</td><td>{'' if r.get('loss_delta') is None else format(r['loss_delta'], '+.5f')}</td></tr>" for r in (report.get('sensitivity') or {}).get('layers', [])[:15])}</table>
 <h2>Provenance</h2><pre>{e(json.dumps(q.get('provenance', {}), indent=1))}</pre>
 </body></html>"""
