@@ -39,6 +39,24 @@ QUEUE_FP8 = "gpu-h100"
 QUEUE_SERVING = "serving"
 
 
+def _use_store() -> None:
+    """Point the library at the remote artifact store when the deployment configures one:
+    QUANTPIPE_REMOTE_ROOT (e.g. s3://bucket/quantpipe) through the Airflow connection in
+    QUANTPIPE_REMOTE_CONN (type aws). Unset: the local store under QUANTPIPE_ARTIFACT_ROOT."""
+    import os
+
+    from quantpipe import pipeline
+
+    root = os.environ.get("QUANTPIPE_REMOTE_ROOT")
+    if not root:
+        pipeline.configure_remote(None, None)
+        return
+    from quantpipe_storage import artifact_fs  # plugins/ is on sys.path for every worker
+
+    fs, plain = artifact_fs(os.environ.get("QUANTPIPE_REMOTE_CONN", "quantpipe_s3"), root)
+    pipeline.configure_remote(fs, plain)
+
+
 @dag(
     dag_id="llm_quantization",
     dag_display_name="LLM quantization",
@@ -56,18 +74,21 @@ def llm_quantization():
     @task(retries=0, task_display_name="Validate params")
     def validate_params() -> dict:
         from quantpipe.pipeline import validate_params as run
+        _use_store()
 
         return run(dict(get_current_context()["params"]))
 
     @task(task_display_name="1. Checkpoint prep", execution_timeout=timedelta(hours=2))
     def prep_checkpoint(settings: dict) -> dict:
         from quantpipe.pipeline import prep_checkpoint as run
+        _use_store()
 
         return run(settings)
 
     @task(task_display_name="2. Calibration data")
     def build_calibration(settings: dict, prep: dict) -> dict:
         from quantpipe.pipeline import build_calibration as run
+        _use_store()
 
         return run(settings, prep)
 
@@ -78,12 +99,14 @@ def llm_quantization():
     @task(queue=QUEUE_QUANTIZE, task_display_name="3. Quantize", execution_timeout=timedelta(hours=6))
     def quantize(settings: dict, prep: dict, calib: dict) -> dict:
         from quantpipe.pipeline import run_quantization
+        _use_store()
 
         return run_quantization(settings, prep, calib)
 
     @task(queue=QUEUE_FP8, task_display_name="3. Quantize (FP8)", execution_timeout=timedelta(hours=2))
     def quantize_fp8(settings: dict, prep: dict, calib: dict) -> dict:
         from quantpipe.pipeline import run_quantization
+        _use_store()
 
         return run_quantization(settings, prep, calib)
 
@@ -91,6 +114,7 @@ def llm_quantization():
           execution_timeout=timedelta(hours=6))
     def validate(settings: dict, prep: dict) -> dict:
         from quantpipe.pipeline import run_validation
+        _use_store()
 
         ctx = get_current_context()
         quant = _pick(ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"]))
@@ -103,6 +127,7 @@ def llm_quantization():
             from airflow.sdk.exceptions import AirflowSkipException
 
             from quantpipe.pipeline import remediate as run
+            _use_store()
 
             ctx = get_current_context()
             results = ctx["ti"].xcom_pull(task_ids=RESULT_TASKS[:attempt])
@@ -116,12 +141,14 @@ def llm_quantization():
     @task.short_circuit(task_display_name="Gate", retries=0, trigger_rule=TriggerRule.NONE_FAILED)
     def gate() -> bool:
         from quantpipe.pipeline import gate as run, latest_result
+        _use_store()
 
         return run(latest_result(get_current_context()["ti"].xcom_pull(task_ids=RESULT_TASKS)))
 
     @task(queue=QUEUE_SERVING, task_display_name="5. Publish approved model")
     def publish_approved(settings: dict) -> dict:
         from quantpipe.pipeline import latest_result, publish_approved as run
+        _use_store()
 
         ctx = get_current_context()
         final = latest_result(ctx["ti"].xcom_pull(task_ids=RESULT_TASKS))

@@ -44,8 +44,11 @@ def test_wiring(dag):
     down = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert down["route"] == ["quantize", "quantize_fp8"]
     assert down["quantize"] == ["validate"] and down["quantize_fp8"] == ["validate"]
-    assert down["validate"] == ["gate", "publish_approved"]
+    assert down["validate"] == ["remediate_1"]
+    assert down["remediate_1"] == ["remediate_2"] and down["remediate_2"] == ["gate"]
     assert dag.get_task("gate").downstream_task_ids == {"publish_approved"}
+    for t in ("remediate_1", "remediate_2", "gate"):
+        assert dag.get_task(t).trigger_rule == "none_failed", t
     assert type(dag.get_task("gate")).__name__.startswith("_ShortCircuit")
 
 

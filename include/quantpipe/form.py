@@ -26,6 +26,7 @@ FIELDS: dict[str, tuple[type, str]] = {
     "num_prompts": (EvalSettings, "num_prompts"),
     "max_new_tokens": (EvalSettings, "max_new_tokens"),
     "task_limit": (EvalSettings, "task_limit"),
+    "sensitivity_layers": (EvalSettings, "sensitivity_layers"),
     "ppl_increase_pct": (Tolerances, "ppl_increase_pct"),
     "accuracy_drop_pct": (Tolerances, "accuracy_drop_pct"),
     "min_top1_agreement": (Tolerances, "min_top1_agreement"),
@@ -40,7 +41,7 @@ SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization",
             "calibration_dataset": "Calibration", "seed": "Calibration", "ppl_max_tokens": "Evaluation",
             "num_prompts": "Evaluation", "max_new_tokens": "Evaluation", "ppl_increase_pct": "Gate tolerances",
             "accuracy_drop_pct": "Gate tolerances", "min_top1_agreement": "Gate tolerances",
-            "min_token_agreement": "Gate tolerances", "task_limit": "Evaluation", "max_mean_kl": "Gate tolerances",
+            "min_token_agreement": "Gate tolerances", "task_limit": "Evaluation", "sensitivity_layers": "Evaluation", "max_mean_kl": "Gate tolerances",
             "category_drop_pct": "Gate tolerances", "remediation": "Remediation",
             "remediation_attempts": "Remediation"}
 EXTRA = {

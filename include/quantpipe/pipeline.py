@@ -39,10 +39,54 @@ def safe_run_id(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:120]
 
 
+# A remote artifact store (S3 through an Airflow connection) is configured by the DAG
+# side with ``configure_remote``: stages then work in a local store under the cache,
+# publish each finished artifact folder to the remote (manifest written last) and hand
+# out its remote URI; inputs given as remote URIs are staged into the local cache,
+# keyed and verified by their manifest.
+_REMOTE: tuple[object, str] | None = None
+
+
+def configure_remote(fs, base_uri: str | None) -> None:
+    global _REMOTE
+    _REMOTE = (fs, base_uri.rstrip("/")) if base_uri else None
+
+
 def _ctx(params: dict) -> tuple[PipelineParams, Environment, ArtifactStore]:
     p = PipelineParams.model_validate(params)
     env = Environment.from_env()
-    return p, env, ArtifactStore(env.artifact_root)
+    root = env.cache_dir / "work" if _REMOTE else env.artifact_root
+    return p, env, ArtifactStore(root)
+
+
+def _upload(local: Path, rel: str) -> str:
+    from .objectstore import is_complete, upload_folder
+
+    fs, base = _REMOTE
+    dest = f"{base}/{rel}"
+    if is_complete(fs, dest):
+        log.info("%s is already complete in the artifact store; skipping the upload", dest)
+    else:
+        upload_folder(local, fs, dest)
+    return dest
+
+
+def _publish(store: ArtifactStore, local: Path) -> str:
+    """URI of a finished local artifact folder, uploaded first when the store is remote."""
+    if _REMOTE is None:
+        return path_to_uri(local)
+    return _upload(local, local.resolve().relative_to(store.root.resolve()).as_posix())
+
+
+def _local(uri: str) -> Path:
+    """A local folder for an artifact URI (remote ones are staged and verified)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri_to_path(uri)
+    if _REMOTE is None:
+        raise PipelineError(f"{uri} is remote but no remote artifact store is configured on this worker")
+    from .objectstore import stage_folder
+
+    return stage_folder(_REMOTE[0], uri, Environment.from_env().cache_dir / "staged")
 
 
 def validate_params(flat: dict) -> dict:
@@ -68,7 +112,9 @@ def prep_checkpoint(params: dict) -> dict:
     ppl = metrics["perplexity"]["perplexity"]
     log.info("baseline perplexity %.3f (%s, %.1f s)", ppl, "cached" if reused else "computed",
              time.perf_counter() - t0)
-    return {"checkpoint_uri": path_to_uri(folder), "checkpoint_hash": info.checkpoint_hash,
+    ckpt_uri = _upload(folder, f"checkpoints/{info.checkpoint_hash[:24]}") if _REMOTE else path_to_uri(folder)
+    uri = _publish(store, uri_to_path(uri))
+    return {"checkpoint_uri": ckpt_uri, "checkpoint_hash": info.checkpoint_hash,
             "num_parameters": info.num_parameters, "size_bytes": info.size_bytes,
             "architecture": info.architecture, "vocab_size": info.vocab_size,
             "baseline_uri": uri, "baseline_perplexity": ppl, "baseline_reused": reused}
@@ -81,18 +127,18 @@ def build_calibration(params: dict, prep: dict) -> dict:
         return {"calibration_uri": None, "calibration_key": None, "num_samples": 0}
     texts = Path(p.calibration.dataset_path) if p.calibration.dataset_path else \
         builtin_corpus(env.cache_dir) / "calibration.jsonl"
-    res = build_calibration_set(store, texts, uri_to_path(prep["checkpoint_uri"]), prep["vocab_size"],
+    res = build_calibration_set(store, texts, _local(prep["checkpoint_uri"]), prep["vocab_size"],
                                 p.calibration)
-    return {"calibration_uri": res.uri, "calibration_key": res.key, "num_samples": res.num_samples,
+    return {"calibration_uri": _publish(store, uri_to_path(res.uri)), "calibration_key": res.key, "num_samples": res.num_samples,
             "total_tokens": res.total_tokens, "reused": res.reused}
 
 
 def run_quantization(params: dict, prep: dict, calib: dict) -> dict:
     p, env, store = _ctx(params)
-    samples = load_samples(uri_to_path(calib["calibration_uri"])) if calib.get("calibration_uri") else None
-    res = quantize(store, uri_to_path(prep["checkpoint_uri"]), prep["checkpoint_hash"], p.quant, samples,
+    samples = load_samples(_local(calib["calibration_uri"])) if calib.get("calibration_uri") else None
+    res = quantize(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"], p.quant, samples,
                    calib.get("calibration_key"), p.calibration.max_seq_length)
-    return {"quantized_uri": res.uri, "scheme": res.scheme, "method": p.quant.method,
+    return {"quantized_uri": _publish(store, uri_to_path(res.uri)), "scheme": res.scheme, "method": p.quant.method,
             "seconds": res.seconds, "size_bytes": res.size_bytes, "reused": res.reused}
 
 
@@ -101,9 +147,9 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     """Measure the quantized model exactly as the baseline was measured, check, rank layer
     sensitivity, and write one report (JSON + HTML) under runs/<run_id>/<label>-*."""
     p, env, store = _ctx(params)
-    bfolder = uri_to_path(prep["baseline_uri"])
+    bfolder = _local(prep["baseline_uri"])
     baseline = json.loads((bfolder / BASELINE_FILE).read_text())
-    qpath = uri_to_path(quant["quantized_uri"])
+    qpath = _local(quant["quantized_uri"])
     heldout = read_texts(builtin_corpus(env.cache_dir) / "heldout.jsonl")
     tasks = builtin_tasks(env.cache_dir) if p.evaluation.task_limit else None
     quantized = measure(qpath, heldout, p.evaluation, tasks_dir=tasks, reference=load_reference(bfolder),
@@ -112,7 +158,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     qmodel, ids = quantized.pop("model"), quantized.pop("heldout_ids")
     sens = None
     if p.evaluation.sensitivity_layers:
-        bmodel, _ = load_model(uri_to_path(prep["checkpoint_uri"]))
+        bmodel, _ = load_model(_local(prep["checkpoint_uri"]))
         sens = sensitivity(bmodel, qmodel, ids, p.evaluation.ppl_window, p.evaluation.sensitivity_layers)
         del bmodel
     del qmodel
@@ -123,7 +169,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     prov = json.loads((qpath / PROVENANCE).read_text())
     report = build_report(
         run_id=run_id,
-        model={"uri": prep["checkpoint_uri"], "path": str(uri_to_path(prep["checkpoint_uri"])),
+        model={"uri": prep["checkpoint_uri"], "path": str(_local(prep["checkpoint_uri"])),
                "checkpoint_hash": prep["checkpoint_hash"], "num_parameters": prep["num_parameters"],
                "size_bytes": prep["size_bytes"]},
         quantization={**quant, "provenance": prov}, baseline=baseline, quantized=quantized,
@@ -139,10 +185,11 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     with store.writing("runs", rid, name, meta={"passed": report["passed"]}) as out:
         (out / REPORT_JSON).write_text(json.dumps(report, indent=1))
         (out / REPORT_HTML).write_text(render_html(report))
-    folder = store.path("runs", rid, name)
-    log.info("%s %s; report: %s", label, "PASSED" if report["passed"] else
-             "FAILED (" + ", ".join(report["failed_checks"]) + ")", folder / REPORT_HTML)
-    return {"report_uri": path_to_uri(folder / REPORT_JSON), "report_html_uri": path_to_uri(folder / REPORT_HTML),
+    folder_uri = _publish(store, store.path("runs", rid, name))
+    log.info("%s %s; report: %s/%s", label, "PASSED" if report["passed"] else
+             "FAILED (" + ", ".join(report["failed_checks"]) + ")", folder_uri, REPORT_HTML)
+    return {"report_folder_uri": folder_uri, "report_uri": f"{folder_uri}/{REPORT_JSON}",
+            "report_html_uri": f"{folder_uri}/{REPORT_HTML}",
             "passed": report["passed"], "failed_checks": report["failed_checks"],
             "perplexity_baseline": baseline["perplexity"]["perplexity"],
             "perplexity_quantized": quantized["perplexity"]["perplexity"],
@@ -207,7 +254,7 @@ def remediate(params: dict, prep: dict, previous: list[dict | None], attempt: in
         log.info("remediation attempt %d not run (enabled=%s, max_attempts=%d)", attempt,
                  p.remediation.enabled, p.remediation.max_attempts)
         return None
-    n_layers = json.loads((uri_to_path(prep["checkpoint_uri"]) / "config.json").read_text())["num_hidden_layers"]
+    n_layers = json.loads((_local(prep["checkpoint_uri"]) / "config.json").read_text())["num_hidden_layers"]
     new_params, changes = safer_settings(params, last, attempt, n_layers)
     log.info("remediation attempt %d after %s failed: %s", attempt, ", ".join(last["failed_checks"]), changes)
     calib = build_calibration(new_params, prep)
@@ -240,11 +287,18 @@ def publish_approved(params: dict, validation: dict, run_id: str) -> dict:
     rid = safe_run_id(run_id)
     with store.writing("runs", rid, "approved") as out:
         (out / "approved.json").write_text(json.dumps(record, indent=1))
+    record_uri = _publish(store, store.path("runs", rid, "approved"))
+    if _REMOTE:
+        fs, base = _REMOTE
+        fs.pipe_file(f"{base}/approved/{p.run_name}.json", json.dumps(record, indent=1).encode())
+        log.info("approved model published: %s (pointer %s/approved/%s.json)", quant["quantized_uri"], base,
+                 p.run_name)
+        return {"approved_uri": quant["quantized_uri"], "record_uri": record_uri,
+                "pointer_uri": f"{base}/approved/{p.run_name}.json"}
     pointer = store.path("approved", f"{p.run_name}.json")
     pointer.parent.mkdir(parents=True, exist_ok=True)
     tmp = pointer.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, pointer)
     log.info("approved model published: %s (pointer %s)", quant["quantized_uri"], pointer)
-    return {"approved_uri": quant["quantized_uri"], "record_uri": store.uri("runs", rid, "approved"),
-            "pointer_uri": path_to_uri(pointer)}
+    return {"approved_uri": quant["quantized_uri"], "record_uri": record_uri, "pointer_uri": path_to_uri(pointer)}

@@ -89,10 +89,12 @@ class EvalSettings(_Frozen):
     ppl_window: int = Field(512, ge=64, le=8192, title="Perplexity window (tokens)")
     num_prompts: int = Field(8, ge=1, le=256, title="Greedy consistency prompts")
     max_new_tokens: int = Field(32, ge=1, le=1024, title="Greedy tokens per prompt")
-    task_limit: int = Field(40, ge=0, le=5000, title="Items per task set",
+    task_limit: int = Field(20, ge=0, le=5000, title="Items per task set",
                             description="Items of each lm-eval task set scored (0 skips task accuracy)")
-    tasks: tuple[str, ...] = Field(("qp_piqa", "qp_siqa", "qp_openbookqa", "qp_mmlu", "qp_asdiv"),
-                                   title="Task sets (categories)")
+    tasks: tuple[str, ...] = Field(("qp_piqa", "qp_siqa", "qp_openbookqa", "qp_asdiv"),
+                                   title="Task sets (categories)",
+                                   description="lm-eval task sets scored; qp_mmlu is also available (long "
+                                               "prompts: slow on CPU)")
     sensitivity_layers: int = Field(8, ge=0, le=512, title="Layers probed for loss impact")
 
 
@@ -165,7 +167,8 @@ class PipelineParams(_Frozen):
                 **({"dataset_path": f["calibration_dataset"]} if f.get("calibration_dataset") else {}),
                 **pick(("seed",)),
             }),
-            evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens", "task_limit"))),
+            evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens", "task_limit",
+                                            "sensitivity_layers"))),
             tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_top1_agreement",
                                           "max_mean_kl", "category_drop_pct", "min_token_agreement"))),
             remediation=RemediationSettings(**{

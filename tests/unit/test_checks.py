@@ -44,3 +44,32 @@ def test_sound_model_passes_every_check():
 def test_each_regression_fails_its_own_check(q, failing):
     checks, _ = run_checks(BASE, q, Tolerances())
     assert {c.name for c in checks if not c.passed} == failing
+
+
+def _with_acc(m, items):
+    m = dict(m)
+    m["accuracy"] = {"tasks": {"qp_piqa": {"score": sum(items) / len(items), "metric": "acc", "n": len(items),
+                                           "category": "physical commonsense", "per_item": items}}}
+    return m
+
+
+def test_category_check_uses_paired_items_and_tolerance():
+    base = _with_acc(BASE, [1.0] * 10 + [0.0] * 10)
+    same = _with_acc(_m(20.0, 0.40, list(range(1, 11)), [[1, 2, 3, 4], [5, 6, 7, 8]]), [1.0] * 10 + [0.0] * 10)
+    checks, _ = run_checks(base, same, Tolerances())
+    cat = next(c for c in checks if c.name == "task:qp_piqa")
+    assert cat.passed and cat.delta == 0
+    broken = _with_acc(_m(20.0, 0.40, list(range(1, 11)), [[1, 2, 3, 4], [5, 6, 7, 8]]), [0.0] * 20)
+    checks, _ = run_checks(base, broken, Tolerances())
+    cat = next(c for c in checks if c.name == "task:qp_piqa")
+    assert not cat.passed and cat.delta == -50
+    # a per-category override lets this category through
+    checks, _ = run_checks(base, broken, Tolerances(category_drop_pct={"qp_piqa": 60}))
+    assert next(c for c in checks if c.name == "task:qp_piqa").passed
+
+
+def test_kl_check():
+    q = _m(20.0, 0.40, list(range(1, 11)), [[1, 2, 3, 4], [5, 6, 7, 8]])
+    q["perplexity"]["kl"] = {"mean": 0.4, "p95": 1.0, "max": 2.0, "histogram": {}}
+    checks, _ = run_checks(BASE, q, Tolerances())
+    assert {c.name for c in checks if not c.passed} == {"kl_divergence"}
