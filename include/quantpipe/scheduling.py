@@ -262,6 +262,6 @@ def entries_for_checkpoints(checkpoints: list[dict], methods: list[dict] | None 
             raise PlanError(f"checkpoint {name!r}: the event carries no path")
         for m in methods:
             e = {**m, "model_uri": Path(path).resolve().as_uri(),
-                 "run_name": f"{name}-{m.get('method', 'fp8')}{m.get('bits', '')}"[:100]}
+                 "run_name": f"{name}-{m.get('method', 'fp8')}-{m.get('bits', 8)}bit"[:100]}
             out.append(validate_entry(e, len(out)))
     return out
