@@ -144,14 +144,12 @@ def _banner(dag_id: str, run_id: str, current: store.ReportRef, refs: list[store
 
 
 def create_app():
-    from typing import Annotated
-
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-    from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
+    from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
 
     app = FastAPI(title="quantpipe reports", docs_url=None, redoc_url=None, openapi_url=None)
     can_read_runs = Depends(requires_access_dag("GET", DagAccessEntity.RUN))
@@ -210,11 +208,11 @@ def create_app():
                         headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
     @app.get("/reports/index.json", dependencies=[can_read_runs])
-    async def index_json(user: GetUserDep) -> JSONResponse:
+    async def index_json(user=Depends(get_user)) -> JSONResponse:
         return JSONResponse({"reports": await run_in_threadpool(store.index, _root())})
 
     @app.get("/reports/", response_class=HTMLResponse, dependencies=[can_read_runs])
-    async def index_html(user: GetUserDep) -> HTMLResponse:
+    async def index_html(user=Depends(get_user)) -> HTMLResponse:
         rows = await run_in_threadpool(store.index, _root())
         dag_of = await run_in_threadpool(_dags_of, [r.get("run_id") for r in rows if r.get("run_id")])
         trs = []
