@@ -7,6 +7,7 @@ renamed into place. A reader only trusts a folder whose manifest verifies.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -99,14 +100,17 @@ class ArtifactStore:
     def writing(self, *parts: str, meta: dict | None = None) -> Iterator[Path]:
         """Yield a scratch folder; on success it becomes the artifact, atomically.
 
-        An existing complete artifact is never replaced; an incomplete leftover
-        (no manifest) from a crashed writer is moved aside first.
+        An existing complete artifact is never replaced. If another writer completes the
+        same artifact first (two runs with the same inputs), ours is discarded and theirs
+        kept. An incomplete leftover (no manifest) is moved aside, never deleted. Scratch
+        folders of writers that died (killed mid-write) are removed.
         """
         final = self.path(*parts)
         if self.find(*parts) is not None:
             raise ArtifactError(f"{final} already holds a complete artifact; refusing to overwrite it")
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        _remove_dead_scratch(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             yield tmp
@@ -116,9 +120,44 @@ class ArtifactStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp / (MANIFEST + ".part"), tmp / MANIFEST)
-            if final.exists():  # leftover without a manifest: keep it aside, never delete data silently
+            if final.exists():
+                if self.find(*parts) is not None:  # another writer finished first
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
                 final.rename(final.parent / f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if self.find(*parts) is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # lost the race to an identical artifact
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno == errno.ENOSPC:
+                raise ArtifactError(f"no space left on the device while writing {final}; nothing was stored "
+                                    "and earlier artifacts are intact: free space or point "
+                                    "QUANTPIPE_ARTIFACT_ROOT at a larger volume") from e
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _remove_dead_scratch(final: Path) -> None:
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
