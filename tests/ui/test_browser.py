@@ -58,6 +58,38 @@ def _pick_method(page, dialog, method: str) -> None:
     assert hidden.input_value() == method
 
 
+def _open_report(page, af, run_url: str, shot, out: dict) -> None:
+    # 5. the validate task's extra link -> the plugin's report page
+    page.goto(f"{run_url}/tasks/validate/details", wait_until="networkidle")
+    link = page.get_by_role("link", name="Validation report")
+    if link.count() == 0:
+        link = page.get_by_role("button", name="Validation report")
+    link.first.wait_for()
+    shot(page, "05-validate-task-extra-link.png")
+    href = link.first.get_attribute("href")
+    if not href:  # rendered as a button: follow the popup it opens
+        with page.expect_popup() as pop:
+            link.first.click()
+        href = pop.value.url
+        pop.value.close()
+    out["report_url"] = href
+    assert re.search(rf"/quantpipe/reports/{DAG}/", href), href
+    page.goto(href, wait_until="networkidle")
+    verdict = page.locator("#verdict").inner_text()
+    out["verdict"] = verdict
+    assert verdict.startswith(("PASSED", "FAILED")), verdict
+    shot(page, "06-report.png", full=True)
+
+    # 6. the same report as a tab of the run page, and the reports index in the nav
+    page.goto(f"{run_url}/plugin/quantpipe-run-report", wait_until="networkidle")
+    frame = page.frame_locator("iframe").first
+    frame.locator("#verdict").wait_for()
+    shot(page, "07-run-report-tab.png")
+    page.goto(f"{af.BASE}/plugin/quantpipe-reports", wait_until="networkidle")
+    page.frame_locator("iframe").first.get_by_text("Quantization reports").first.wait_for()
+    shot(page, "08-reports-index.png")
+
+
 def browser_flow(af, shots: Path) -> dict:
     """The whole UI journey against instance ``af`` (scripts/airflow_local module)."""
     from playwright.sync_api import sync_playwright
@@ -144,35 +176,7 @@ def browser_flow(af, shots: Path) -> dict:
                 raise AssertionError(f"run {run_id} ended {state}: "
                                      f"{ {t['task_id']: t['state'] for t in tis.get('task_instances', [])} }")
 
-            # 5. the validate task's extra link -> the plugin's report page
-            page.goto(f"{run_url}/tasks/validate", wait_until="networkidle")
-            link = page.get_by_role("link", name="Validation report")
-            if link.count() == 0:
-                link = page.get_by_role("button", name="Validation report")
-            link.first.wait_for()
-            shot(page, "05-validate-task-extra-link.png")
-            href = link.first.get_attribute("href")
-            if not href:  # rendered as a button: follow the popup it opens
-                with page.expect_popup() as pop:
-                    link.first.click()
-                href = pop.value.url
-                pop.value.close()
-            out["report_url"] = href
-            assert re.search(rf"/quantpipe/reports/{DAG}/", href), href
-            page.goto(href, wait_until="networkidle")
-            verdict = page.locator("#verdict").inner_text()
-            out["verdict"] = verdict
-            assert verdict.startswith(("PASSED", "FAILED")), verdict
-            shot(page, "06-report.png", full=True)
-
-            # 6. the same report as a tab of the run page, and the reports index in the nav
-            page.goto(f"{run_url}/plugin/quantpipe-run-report", wait_until="networkidle")
-            frame = page.frame_locator("iframe").first
-            frame.locator("#verdict").wait_for()
-            shot(page, "07-run-report-tab.png")
-            page.goto(f"{af.BASE}/plugin/quantpipe-reports", wait_until="networkidle")
-            page.frame_locator("iframe").first.get_by_text("Quantization reports").first.wait_for()
-            shot(page, "08-reports-index.png")
+            _open_report(page, af, run_url, shot, out)
             ctx.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
