@@ -13,6 +13,9 @@ quantized checkpoint that vLLM serves as it is.
 4. **validate**: perplexity delta and greedy consistency against the baseline; one
    report (JSON + HTML). **gate** stops the run when a check fails.
 5. **publish_approved** (queue `serving`): records the approved model's URI.
+6. **deploy** (queue `serving`): pre-flight, vLLM launched beside the live model, health
+   check with real completions, switch of the stable endpoint `http://127.0.0.1:8000/v1`
+   (model name = `run_name`), old server stopped; a failure leaves the old model serving.
 
 Params: `method` and `bits` must agree (gptq 4/8, awq 4, fp8 8, w8a8 8); `group_size`
 must divide the model's layer widths (576 and 1536 for the built-in SmolLM2: 32, 64,
@@ -154,6 +157,26 @@ def llm_quantization():
         final = latest_result(ctx["ti"].xcom_pull(task_ids=RESULT_TASKS))
         return run(final["settings"], final, ctx["run_id"])
 
+    @task(queue=QUEUE_SERVING, task_display_name="6. Deploy on vLLM", retries=1,
+          execution_timeout=timedelta(minutes=30))
+    def deploy(settings: dict, approved: dict) -> dict:
+        from airflow.sdk import Variable
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from quantpipe.pipeline import latest_result
+
+        if not settings["deploy"]["enabled"]:
+            raise AirflowSkipException("deployment disabled by the 'deploy' param")
+        from quantpipe.deployment.api import deploy_approved
+
+        ctx = get_current_context()
+        final = latest_result(ctx["ti"].xcom_pull(task_ids=RESULT_TASKS))
+        # the key comes from the Airflow Variable (masked in logs: its name contains "api_key"),
+        # else from the worker's QUANTPIPE_VLLM_API_KEY; it never enters XCom
+        api_key = Variable.get("quantpipe_vllm_api_key", default=None)
+        return deploy_approved(final["settings"], approved, final, ctx["run_id"], api_key=api_key,
+                               settings=settings["deploy"]["overrides"])
+
     settings = validate_params()
     prep = prep_checkpoint(settings)
     calib = build_calibration(settings, prep)
@@ -168,7 +191,9 @@ def llm_quantization():
     checked >> r1 >> r2
     ok = gate()
     r2 >> ok
-    ok >> publish_approved(settings)
+    approved = publish_approved(settings)
+    ok >> approved
+    deploy(settings, approved)
 
 
 RESULT_TASKS = ["validate", "remediate_1", "remediate_2"]

@@ -29,6 +29,7 @@ def test_queues(dag):
     assert queues["quantize"] == "gpu-a100"
     assert queues["quantize_fp8"] == "gpu-h100"
     assert queues["publish_approved"] == "serving"
+    assert queues["deploy"] == "serving"
     assert queues["prep_checkpoint"] == "default"
 
 
@@ -36,6 +37,8 @@ def test_retries_with_backoff(dag):
     for t in dag.tasks:
         if t.task_id in ("validate_params", "gate"):
             assert t.retries == 0, f"{t.task_id}: bad input is not transient"
+        elif t.task_id == "deploy":
+            assert t.retries == 1
         else:
             assert t.retries == 2 and t.retry_exponential_backoff, t.task_id
 
@@ -47,6 +50,7 @@ def test_wiring(dag):
     assert down["validate"] == ["remediate_1"]
     assert down["remediate_1"] == ["remediate_2"] and down["remediate_2"] == ["gate"]
     assert dag.get_task("gate").downstream_task_ids == {"publish_approved"}
+    assert dag.get_task("publish_approved").downstream_task_ids == {"deploy"}
     for t in ("remediate_1", "remediate_2", "gate"):
         assert dag.get_task(t).trigger_rule == "none_failed", t
     assert type(dag.get_task("gate")).__name__.startswith("_ShortCircuit")

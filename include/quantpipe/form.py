@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from annotated_types import Ge, Gt, Le, Lt
 
-from .settings import (GROUP_SIZES, METHODS, CalibrationSettings, EvalSettings, PipelineParams,
-                       QuantSettings, RemediationSettings, Tolerances, _SAFE_NAME)
+from .deployment.settings import DeploySettings
+from .settings import (DEPLOY_FORM_FIELDS, GROUP_SIZES, METHODS, CalibrationSettings, DeployOptions, EvalSettings,
+                       PipelineParams, QuantSettings, RemediationSettings, Tolerances, _SAFE_NAME)
 
 # flat form name -> (settings model, field name)
 FIELDS: dict[str, tuple[type, str]] = {
@@ -35,6 +36,8 @@ FIELDS: dict[str, tuple[type, str]] = {
     "min_token_agreement": (Tolerances, "min_token_agreement"),
     "remediation": (RemediationSettings, "enabled"),
     "remediation_attempts": (RemediationSettings, "max_attempts"),
+    "deploy": (DeployOptions, "enabled"),
+    **{name: (DeploySettings, name) for name in DEPLOY_FORM_FIELDS},
 }
 SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization", "bits": "Quantization",
             "group_size": "Quantization", "calibration_samples": "Calibration", "max_seq_length": "Calibration",
@@ -43,7 +46,8 @@ SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization",
             "accuracy_drop_pct": "Gate tolerances", "min_top1_agreement": "Gate tolerances",
             "min_token_agreement": "Gate tolerances", "task_limit": "Evaluation", "sensitivity_layers": "Evaluation", "max_mean_kl": "Gate tolerances",
             "category_drop_pct": "Gate tolerances", "remediation": "Remediation",
-            "remediation_attempts": "Remediation"}
+            "remediation_attempts": "Remediation", "deploy": "Deployment",
+            **{name: "Deployment" for name in DEPLOY_FORM_FIELDS}}
 EXTRA = {
     "method": {"enum": list(METHODS)},
     "bits": {"enum": [4, 8]},

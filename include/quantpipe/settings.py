@@ -125,6 +125,24 @@ class RemediationSettings(_Frozen):
     keep_sensitive_layers: int = Field(6, ge=0, le=64, title="Sensitive layers kept unquantized per attempt")
 
 
+DEPLOY_FORM_FIELDS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill",
+                      "gpu_memory_utilization", "tensor_parallel_size")
+
+
+class DeployOptions(_Frozen):
+    enabled: bool = Field(True, title="Deploy after the gate",
+                          description="Serve the approved model on vLLM behind the stable endpoint")
+    overrides: dict[str, int | float | bool | str] = Field(default_factory=dict, title="vLLM settings",
+                                                          description="Overrides of DeploySettings")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeployOptions":
+        from .deployment.settings import DeploySettings
+
+        DeploySettings.load(self.overrides, environ={})  # bad values are refused here, before any work
+        return self
+
+
 class PipelineParams(_Frozen):
     """Everything a run is triggered with: the DAG's params map onto this one model."""
 
@@ -137,6 +155,7 @@ class PipelineParams(_Frozen):
     evaluation: EvalSettings = EvalSettings()
     tolerances: Tolerances = Tolerances()
     remediation: RemediationSettings = RemediationSettings()
+    deploy: DeployOptions = DeployOptions()
 
     @field_validator("run_name")
     @classmethod
@@ -176,6 +195,8 @@ class PipelineParams(_Frozen):
                 **({"max_attempts": f["remediation_attempts"]} if f.get("remediation_attempts") is not None
                    else {}),
             }),
+            deploy=DeployOptions(**({"enabled": f["deploy"]} if f.get("deploy") is not None else {}),
+                                 overrides={k: f[k] for k in DEPLOY_FORM_FIELDS if f.get(k) is not None}),
         )
 
 

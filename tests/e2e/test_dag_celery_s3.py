@@ -18,7 +18,7 @@ from quantpipe.objectstore import verify_remote
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 CONF = {"method": "fp8", "bits": 8, "run_name": "celery-s3", "ppl_max_tokens": 1024, "num_prompts": 2,
-        "max_new_tokens": 8, "task_limit": 0, "sensitivity_layers": 1, "remediation": False}
+        "max_new_tokens": 8, "task_limit": 0, "sensitivity_layers": 1, "remediation": False, "deploy": False}
 EXPECTED_QUEUE = {"validate_params": "default", "prep_checkpoint": "default", "build_calibration": "default",
                   "route": "default", "quantize_fp8": "gpu-h100", "validate": "default",
                   "publish_approved": "serving"}

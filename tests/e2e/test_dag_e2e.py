@@ -13,7 +13,8 @@ from quantpipe.artifacts import uri_to_path, verify_folder
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FAST = {"calibration_samples": 16, "max_seq_length": 128, "ppl_max_tokens": 2048, "num_prompts": 4,
-        "max_new_tokens": 16, "task_limit": 0, "sensitivity_layers": 2, "remediation": False}
+        "max_new_tokens": 16, "task_limit": 0, "sensitivity_layers": 2, "remediation": False,
+        "deploy": False}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from quantpipe.quantization.run import PROVENANCE
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CONF = {"method": "fp8", "bits": 8, "run_name": "planted", "ppl_max_tokens": 1024, "num_prompts": 4,
-        "max_new_tokens": 12, "task_limit": 0, "sensitivity_layers": 0, "remediation": False}
+        "max_new_tokens": 12, "task_limit": 0, "sensitivity_layers": 0, "remediation": False, "deploy": False}
 
 
 def _plant(model_dir: Path, out: Path, edit) -> Path:
