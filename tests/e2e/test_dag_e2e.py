@@ -130,7 +130,8 @@ def test_remediation_turns_a_failing_recipe_into_a_passing_one(dag, artifact_roo
     # first/last blocks and the 6 most sensitive layers in BF16 brings it to ~1.5 % (measured)
     dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-remedy", "ppl_max_tokens": 1024,
                               "num_prompts": 2, "max_new_tokens": 8, "sensitivity_layers": 8,
-                              "ppl_increase_pct": 2.5, "remediation": True, "remediation_attempts": 2})
+                              "ppl_increase_pct": 2.5, "min_token_agreement": 0.0, "remediation": True,
+                              "remediation_attempts": 2})
     assert str(dr.state) == "success", states
     assert states["validate"] == "success" and states["remediate_1"] == "success"
     assert states["remediate_2"] == "skipped" and states["publish_approved"] == "success"
