@@ -17,7 +17,7 @@ runs, traversal attempts and reports outside ``$QUANTPIPE_ARTIFACT_ROOT/runs`` a
 UI: a "Quantization reports" nav entry (iframe of the index) and a "Validation report" tab
 on every DAG run page; global operator extra links "Validation report" (task ``validate``
 and ``remediate_*``) and "Deployed endpoint" (task ``deploy``, from its return value's
-``endpoint``). Extra links are resolved in the api-server, where the Task SDK's
+``endpoint_url``). Extra links are resolved in the api-server, where the Task SDK's
 ``XCom.get_value`` has no supervisor to talk to, so they read the XCom table directly
 (``XComModel``), as Airflow's own ``XComOperatorLink`` does.
 
@@ -108,7 +108,7 @@ class ValidationReportLink(BaseOperatorLink):
 
 
 class DeployedEndpointLink(BaseOperatorLink):
-    """From ``deploy`` to the endpoint its return value names (``{"endpoint": "http://..."}``)."""
+    """From ``deploy`` to the endpoint its return value names (``{"endpoint_url": "http://..."}``)."""
 
     name = "Deployed endpoint"
 
@@ -116,7 +116,7 @@ class DeployedEndpointLink(BaseOperatorLink):
         if ti_key.task_id != DEPLOY_TASK:
             return ""
         value = read_return_value(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index)
-        endpoint = value.get("endpoint") if isinstance(value, dict) else None
+        endpoint = (value.get("endpoint_url") or value.get("endpoint")) if isinstance(value, dict) else None
         if isinstance(endpoint, str) and endpoint.startswith(("http://", "https://")):
             return endpoint
         return ""

@@ -31,7 +31,9 @@ from .validation.report import REPORT_HTML, REPORT_JSON, build_report, render_ht
 
 log = logging.getLogger(__name__)
 
-for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+           # progress bars on stderr read as ERROR lines in Airflow task logs; stages log progress instead
+           "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
     os.environ.setdefault(_k, "1")
 
 
