@@ -155,7 +155,7 @@ class PipelineParams(_Frozen):
     evaluation: EvalSettings = EvalSettings()
     tolerances: Tolerances = Tolerances()
     remediation: RemediationSettings = RemediationSettings()
-    deploy: DeployOptions = DeployOptions()
+    deploy: DeployOptions = Field(default_factory=DeployOptions)
 
     @field_validator("run_name")
     @classmethod

@@ -73,8 +73,10 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
 
     _no_accelerator_pin_memory_shim()
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    # safetensors only, and never code shipped with the checkpoint
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", use_safetensors=True,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     t_load = time.perf_counter() - t0
     recipe = build_recipe(s)
     kwargs: dict = {}

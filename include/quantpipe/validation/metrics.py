@@ -40,9 +40,10 @@ def load_model(path: Path):
         # dense (decompressed) weights: inspectable per layer, and faster on CPU than
         # dequantizing on every forward; activation quantization (FP8/W8A8) still applies
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
+                                                 use_safetensors=True, **kwargs)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tok
 
 
