@@ -99,6 +99,7 @@ def test_impossible_tolerance_closes_the_gate(dag, artifact_root):
                               "ppl_increase_pct": 0, "min_top1_agreement": 1.0})
     assert states["validate"] == "success"
     assert states["gate"] == "success" and states["publish_approved"] == "skipped"
+    assert states["deploy"] == "skipped"  # a closed gate deploys nothing
     assert not (artifact_root / "approved" / "e2e-strict.json").exists()
     rep = _report(artifact_root, dr.run_id)
     assert not rep["passed"] and "top1_agreement" in rep["failed_checks"]
