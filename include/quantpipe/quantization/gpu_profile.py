@@ -1,24 +1,35 @@
-"""Defaults for quantizing on a GPU worker (llm-compressor 0.14, one CUDA device).
+"""Defaults for quantizing on a GPU worker (llm-compressor 0.14.0.1, one CUDA device).
 
-Measured by ``bench/gpu_quantize_bench.py`` on one H100 80GB (2026-11-24), Llama-3-8B
-layer shapes, random bf16 weights, 128 x 2048 calibration tokens, GPTQ W4A16 group 128;
-the figures are in ``bench/README.md``. What the measurements said:
+Measured by ``bench/gpu_quantize_bench.py`` on one H100 80GB HBM3 (2026-11-24), a
+LlamaForCausalLM with Llama-3-8B layer shapes and random bf16 weights (4 layers),
+128 x 2048 calibration tokens, GPTQ W4A16 group 128 (s/layer = oneshot wall time / layers,
+model build excluded; peak = torch.cuda.max_memory_allocated):
 
-* llm-compressor's defaults keep the model on the CPU (``run.py`` loads it there) and
-  onload one decoder layer at a time; intermediate activations go back to the CPU after
-  every layer (``sequential_offload_device="cpu"``). When the whole model and the
-  activation cache fit on the GPU, load the model onto the GPU and keep activations there.
-* GPTQ's Hessian accumulation (``H += 2 X X^T``) runs as a float32 matmul on the CUDA
-  cores. The activations are bf16/fp16, so their values are exact in TF32 and the
-  products are exact in float32: ``install_fast_hessian()`` runs the same product on the
-  tensor cores with float32 accumulation. The Hessian equals the float32 one up to the
-  order of summation; the GPTQ solve itself (Cholesky, block updates) is untouched.
-* ``batch_size > 1`` only when every calibration sample has the same length: with mixed
-  lengths llm-compressor's collator truncates or pads, which changes the Hessian.
+    llm-compressor defaults, model loaded on the CPU (as run.py does)   8.82 s/layer   3.9 GiB
+    model on the GPU + sequential_offload_device="cuda"                 5.04 s/layer  10.2 GiB
+      + install_fast_hessian("tf32")                                    2.49 s/layer  10.2 GiB
+      + install_fast_hessian("bf16")                   (the default)    2.24 s/layer  10.2 GiB
+    model on the CPU, activations on the GPU, fast Hessian (tf32)       2.79 s/layer   7.0 GiB
+    batch_size=8 on top of tf32 (no gain, +8 GiB)                       2.45 s/layer  18.6 GiB
+    70B shapes (2 layers), model on the CPU, activations on GPU, bf16   9.63 s/layer  20.2 GiB
+    70B shapes, defaults                                               26.63 s/layer  15.2 GiB
+    AWQ W4A16_ASYM: defaults 17.1 s/layer (50.8 GiB); model+activations on GPU 12.4 (55.0 GiB)
 
-Everything here changes scheduling, placement or the order of float32 sums, never the
-algorithm, the recipe or the calibration tokens, so the quantized model's quality is
-unchanged.
+Where the time went: GPTQ accumulates ``H += 2 X X^T`` for every quantized Linear and every
+calibration batch as a float32 matmul on the CUDA cores (~160 TFLOP per 8B layer for
+128 x 2048 tokens); with the model on the CPU the activations also cross PCIe twice per
+layer. The activations are bf16/fp16, so their values are exact in TF32 and products of two
+are exact in float32: ``install_fast_hessian`` runs the same product on the tensor cores
+with float32 accumulation. The Hessian equals the float32 one up to the order of the
+float32 sums (the bench's quality probe, relative error of the final hidden states against
+the bf16 model, was 0.67068 with defaults and 0.67065 / 0.67076 with the tf32 / bf16 modes;
+round-to-nearest gave 0.68988). The GPTQ solve (Cholesky, block updates), the recipe and the
+calibration tokens are untouched, so quality is unchanged.
+
+Not used: ``batch_size > 1`` (no measurable gain; with samples of mixed lengths
+llm-compressor's collator truncates or pads them, which changes the Hessian) and
+``pipeline="basic"`` (1.85 s/layer, but it calibrates every layer on unquantized inputs:
+a different algorithm).
 """
 
 from __future__ import annotations
@@ -27,66 +38,61 @@ import functools
 from collections.abc import Sequence
 
 GIB = 1024 ** 3
-# headroom for Hessians (largest: intermediate^2 fp32), the GPTQ solve and CUDA context
-_RESERVE_BYTES = 8 * GIB
+# headroom for Hessians (largest: intermediate^2 fp32, 3.3 GB at 70B), the GPTQ solve, CUDA context
+RESERVE_BYTES = 8 * GIB
 
 
 def activation_cache_bytes(sample_lengths: Sequence[int], hidden_size: int, dtype_bytes: int = 2) -> int:
-    """Bytes of the sequential pipeline's activation cache (one hidden state per sample,
-    held twice while a layer's outputs replace its inputs)."""
+    """Bytes of the sequential pipeline's activation cache: one hidden state per sample,
+    held twice while a layer's outputs replace its inputs."""
     return 2 * sum(sample_lengths) * hidden_size * dtype_bytes
 
 
-def gpu_oneshot_kwargs(num_layers: int, *, sample_lengths: Sequence[int] | None = None,
-                       hidden_size: int = 4096, model_bytes: int | None = None,
-                       gpu_free_bytes: int | None = None, max_batch_size: int = 8) -> dict:
-    """Extra ``oneshot`` keyword arguments for a CUDA worker.
+def _free_bytes(gpu_free_bytes: int | None) -> int:
+    if gpu_free_bytes is not None:
+        return gpu_free_bytes
+    import torch
 
-    ``model_bytes``: the checkpoint's size in memory (bf16 params x 2); ``gpu_free_bytes``:
-    free memory on the device (``torch.cuda.mem_get_info()[0]``), read from the device when
-    None. Returns ``{"model_on_gpu": bool, **oneshot_kwargs}``: pop ``model_on_gpu`` and,
-    if true, load the model with ``device_map="cuda"``.
-    """
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+
+
+def model_fits_on_gpu(model_bytes: int, *, sample_lengths: Sequence[int] = (), hidden_size: int = 4096,
+                      gpu_free_bytes: int | None = None) -> bool:
+    """True when the whole model, the activation cache and the reserve fit in free GPU
+    memory: then load the checkpoint with ``device_map="cuda"`` (8B: yes on an 80 GB card;
+    70B in bf16: no, keep it on the CPU and let oneshot onload one layer at a time)."""
+    need = model_bytes + activation_cache_bytes(sample_lengths, hidden_size) + RESERVE_BYTES
+    return _free_bytes(gpu_free_bytes) > need
+
+
+def gpu_oneshot_kwargs(num_layers: int, *, sample_lengths: Sequence[int] = (), hidden_size: int = 4096,
+                       model_bytes: int = 0, gpu_free_bytes: int | None = None) -> dict:
+    """Extra ``oneshot`` keyword arguments for a CUDA worker: the sequential pipeline with
+    the activation cache on the GPU whenever it fits beside one decoder layer."""
     if num_layers < 1:
         raise ValueError("num_layers must be >= 1")
-    lengths = list(sample_lengths or [])
-    if gpu_free_bytes is None:
-        import torch
-
-        gpu_free_bytes = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
-    acts = activation_cache_bytes(lengths, hidden_size) if lengths else 0
-    per_layer = (model_bytes or 0) / num_layers
-    kw: dict = {"pipeline": "sequential"}
-    # activations: on the GPU whenever the cache plus one layer fits
-    acts_on_gpu = gpu_free_bytes > acts + per_layer + _RESERVE_BYTES
-    kw["sequential_offload_device"] = "cuda" if acts_on_gpu else "cpu"
-    # whole model on the GPU when it fits beside the activations
-    kw["model_on_gpu"] = bool(model_bytes) and acts_on_gpu and \
-        gpu_free_bytes > (model_bytes or 0) + acts + _RESERVE_BYTES
-    if lengths and len(set(lengths)) == 1:
-        bs = max_batch_size
-        while len(lengths) % bs:
-            bs //= 2
-        if bs > 1:
-            kw["batch_size"] = bs
-    return kw
+    layer_bytes = model_bytes // num_layers
+    acts = activation_cache_bytes(sample_lengths, hidden_size)
+    on_gpu = _free_bytes(gpu_free_bytes) > acts + layer_bytes + RESERVE_BYTES
+    return {"pipeline": "sequential", "sequential_offload_device": "cuda" if on_gpu else "cpu"}
 
 
 def _fast_accumulate_hessian(original, mode, inp, module, hessian, num_samples):
     import torch
 
-    if not (inp.is_cuda and inp.dtype in (torch.bfloat16, torch.float16)
-            and isinstance(module, torch.nn.Linear) and hessian.dtype == torch.float32
-            and inp.device == hessian.device):
+    if not (inp.is_cuda and inp.dtype in (torch.bfloat16, torch.float16) and isinstance(module, torch.nn.Linear)
+            and hessian.dtype == torch.float32 and inp.device == hessian.device):
         return original(inp, module, hessian, num_samples)
-    x = inp.reshape(-1, inp.shape[-1]) if inp.dim() != 2 else inp
+    # same bookkeeping as llmcompressor.modifiers.gptq.helpers.accumulate_hessian
     num_samples += inp.shape[0] if inp.dim() >= 3 else 1
+    x = inp.reshape(-1, inp.shape[-1])
     if mode == "bf16" and x.dtype == torch.bfloat16:
-        # bf16 x bf16 products are exact in fp32; cuBLAS accumulates in fp32
-        hessian.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=2.0)
-        return hessian, num_samples
-    # bf16/fp16 values are exact in TF32; products of two are exact in fp32; sums in fp32
-    xf = x.float()
+        try:  # bf16 x bf16 products are exact in fp32; cuBLAS accumulates in fp32
+            hessian.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=2.0)
+            return hessian, num_samples
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass  # torch without mm(out_dtype=...): the tf32 path below
+    xf = x.float()  # bf16/fp16 values are exact in TF32; products exact in fp32; fp32 sums
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -96,17 +102,16 @@ def _fast_accumulate_hessian(original, mode, inp, module, hessian, num_samples):
     return hessian, num_samples
 
 
-def install_fast_hessian(mode: str = "tf32") -> bool:
-    """Route GPTQ's Hessian accumulation through the tensor cores (see module docstring).
-    ``mode``: "tf32" (float32 inputs on TF32 tensor cores) or "bf16" (bf16 GEMM with a
-    float32 result). Idempotent; returns True once installed."""
-    from llmcompressor.modifiers.gptq import base
-
+def install_fast_hessian(mode: str = "bf16") -> None:
+    """Route GPTQ's Hessian accumulation through the tensor cores (see the module
+    docstring). ``mode``: "bf16" (bf16 GEMM with a float32 result, fastest) or "tf32".
+    Inputs that are not bf16/fp16 CUDA tensors of a plain Linear take llm-compressor's own
+    path. Safe to call again (re-installs over the original)."""
     if mode not in ("tf32", "bf16"):
         raise ValueError(f"unknown mode {mode!r}")
+    from llmcompressor.modifiers.gptq import base
+
     original = getattr(base.accumulate_hessian, "_quantpipe_original", base.accumulate_hessian)
     fast = functools.partial(_fast_accumulate_hessian, original, mode)
     fast._quantpipe_original = original  # type: ignore[attr-defined]
-    fast._quantpipe_fast = True  # type: ignore[attr-defined]
     base.accumulate_hessian = fast
-    return True
