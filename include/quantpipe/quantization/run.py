@@ -73,9 +73,21 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
 
     _no_accelerator_pin_memory_shim()
     t0 = time.perf_counter()
+    # GPU workers: the measured profile (bench/README.md) - model and activations on the GPU
+    # when they fit, GPTQ's Hessian on the tensor cores; the algorithm and recipe are unchanged
+    load_kw: dict = {}
+    ckpt_bytes = sum(p.stat().st_size for p in Path(checkpoint).glob("*.safetensors"))
+    lens = [len(r) for r in samples] if samples else []
+    if torch.cuda.is_available():
+        from . import gpu_profile
+
+        gpu_profile.install_fast_hessian()
+        hidden = json.loads((Path(checkpoint) / "config.json").read_text())["hidden_size"]
+        if gpu_profile.model_fits_on_gpu(ckpt_bytes, sample_lengths=lens, hidden_size=hidden):
+            load_kw["device_map"] = "cuda"
     # safetensors only, and never code shipped with the checkpoint
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", use_safetensors=True,
-                                                 trust_remote_code=False)
+                                                 trust_remote_code=False, **load_kw)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     t_load = time.perf_counter() - t0
     recipe = build_recipe(s)
@@ -86,6 +98,12 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
         ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(r) for r in samples]})
         kwargs = dict(dataset=ds, num_calibration_samples=len(samples), max_seq_length=max_seq_length,
                       shuffle_calibration_samples=False)
+        if torch.cuda.is_available():
+            from . import gpu_profile
+
+            kwargs.update(gpu_profile.gpu_oneshot_kwargs(model.config.num_hidden_layers, sample_lengths=lens,
+                                                         hidden_size=model.config.hidden_size,
+                                                         model_bytes=ckpt_bytes))
     log.info("quantizing %s with %s (%s), %s calibration samples", checkpoint.name, s.method, s.scheme,
              len(samples) if samples else 0)
     t1 = time.perf_counter()
@@ -104,6 +122,8 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
             "input_checkpoint_hash": checkpoint_hash, "calibration_key": calibration_key,
             "calibration_samples": len(samples) if samples else 0,
             "versions": {lib: version(lib) for lib in LIBRARIES},
+            "placement": {"load": {k: str(v) for k, v in load_kw.items()},
+                          "oneshot": {k: str(v) for k, v in kwargs.items() if k not in ("dataset",)}},
             "timings": {"load_s": round(t_load, 2), "oneshot_s": round(t_quant, 2), "save_s": round(t_save, 2),
                         "total_s": round(time.perf_counter() - t0, 2)},
             "size_bytes": size,
