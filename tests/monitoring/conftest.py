@@ -42,16 +42,30 @@ class Proc:
         self.log = log
         self.out = open(log, "wb")
         self.p = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            self._wait(argv, log, ready_url, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, argv, log, ready_url, timeout) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.p.poll() is not None:
                 raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-2000:]}")
             try:
                 if urllib.request.urlopen(ready_url, timeout=1).status == 200:
-                    return
+                    break
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"{argv[0]} not ready at {ready_url}: {log.read_text()[-2000:]}")
+        else:
+            raise RuntimeError(f"{argv[0]} not ready at {ready_url}: {log.read_text()[-2000:]}")
+        # Another session may hold the port (free ports race): then ours exits on bind and the
+        # ready answer came from the other server. Make sure ours is the one answering.
+        time.sleep(1.0)
+        if self.p.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited after the port answered (taken by another process?): "
+                               f"{log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         if self.p.poll() is None:
@@ -120,7 +134,9 @@ def stack(tmp_path_factory, vllm_endpoint):
     hook = Webhook()
     procs = []
     try:
-        procs.append(Proc([binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{pg}"],
+        # Debian's build persists to /var/lib/prometheus/pushgateway.data by default: keep ours private
+        procs.append(Proc([binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{pg}",
+                           f"--persistence.file={root / 'pushgateway.data'}"],
                           root / "pushgateway.log", f"http://127.0.0.1:{pg}/-/ready"))
         amcfg = yaml.safe_load((DOCKER / "alertmanager" / "alertmanager.yml").read_text())
         amcfg["receivers"][0]["webhook_configs"][0]["url"] = f"http://127.0.0.1:{hook.port}/alerts"
@@ -141,6 +157,9 @@ def stack(tmp_path_factory, vllm_endpoint):
         procs.append(Proc([binary("prometheus"), f"--config.file={root / 'prometheus.yml'}",
                            f"--storage.tsdb.path={root / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom}"],
                           root / "prometheus.log", f"http://127.0.0.1:{prom}/-/ready"))
+        with urllib.request.urlopen(f"http://127.0.0.1:{prom}/api/v1/status/flags") as r:
+            assert json.loads(r.read())["data"]["config.file"] == str(root / "prometheus.yml"), \
+                "another Prometheus answers on our port"
         yield {"pushgateway": f"http://127.0.0.1:{pg}", "alertmanager": f"http://127.0.0.1:{am}",
                "prometheus": f"http://127.0.0.1:{prom}", "webhook": hook, "endpoint": vllm_endpoint["url"],
                "model": vllm_endpoint["model"], "root": root}

@@ -40,7 +40,7 @@ def test_probe_pushes_quality_and_prometheus_scrapes_it(stack):
     assert out["up"] and out["score"] >= s.quality_threshold and not out["regression"]
     res = wait_for(lambda: slo.query(s.prometheus_url, 'quantpipe_quality_score{deployment="smollm2"}'),
                    what="quality score in Prometheus")
-    assert float(res[0]["value"][1]) == out["score"]
+    assert len(res) == 1 and float(res[0]["value"][1]) == out["score"], res
     assert res[0]["metric"]["job"] == "quantpipe_quality_probe"
     # vLLM's own metrics arrive through the stable endpoint
     wait_for(lambda: slo.query(s.prometheus_url, 'vllm:e2e_request_latency_seconds_count{model_name="smollm2"} > 0'),
