@@ -32,7 +32,11 @@ def dag(airflow_db):
 def run(dag, conf: dict):
     from airflow.utils.session import create_session
 
-    dr = dag.test(run_conf=conf)
+    from quantpipe.form import form_fields
+
+    # every param explicitly: dag.test() keeps params of an earlier run_conf on the DAG object
+    full = {name: default for name, (default, _) in form_fields().items()}
+    dr = dag.test(run_conf={**full, **conf})
     with create_session() as session:
         tis = {ti.task_id: ti for ti in dr.get_task_instances(session=session)}
         states = {k: str(ti.state) for k, ti in tis.items()}
