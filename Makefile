@@ -28,15 +28,18 @@ assets: venv
 serving-env:
 	@if [ -x scripts/setup_serving_env.sh ]; then scripts/setup_serving_env.sh; fi
 
-services:
-	@if [ -x scripts/setup_test_services.sh ]; then scripts/setup_test_services.sh; fi
+services: venv
+	scripts/setup_test_services.sh
+	scripts/setup_browser.sh
 
-demo: assets serving-env
+demo: assets serving-env services
+	$(PY) scripts/monitoring_local.py start
 	$(PY) scripts/airflow_local.py start
 	$(PY) scripts/airflow_local.py trigger '$(DEMO_CONF)'
 
 stop:
 	$(PY) scripts/airflow_local.py stop
+	$(PY) scripts/monitoring_local.py stop
 
 test: assets serving-env services
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests

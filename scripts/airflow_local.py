@@ -63,6 +63,14 @@ def airflow_env() -> dict:
     })
     env.setdefault("QUANTPIPE_ARTIFACT_ROOT", str(REPO / ".artifacts"))
     env.setdefault("QUANTPIPE_CACHE", str(REPO / ".cache"))
+    key_file = HOME / "vllm_api_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(24))
+        key_file.chmod(0o600)
+    env.setdefault("QUANTPIPE_VLLM_API_KEY", key_file.read_text())  # vLLM requires it; never printed
+    env.setdefault("QUANTPIPE_MONITOR_PUSHGATEWAY_URL", "http://127.0.0.1:9091")
+    env.setdefault("QUANTPIPE_MONITOR_PROMETHEUS_URL", "http://127.0.0.1:9090")
+    env.setdefault("QUANTPIPE_MONITOR_ENDPOINT_URL", "http://127.0.0.1:8000/v1")
     return env
 
 
@@ -129,7 +137,26 @@ def start() -> None:
     print(f"Airflow UI: {BASE}  (login admin / admin; viewer / viewer is read-only)")
 
 
+def stop_deployments() -> None:
+    """Stop the vLLM servers and the stable endpoint the demo's deploy task left running."""
+    os.environ.update({k: v for k, v in airflow_env().items() if k.startswith("QUANTPIPE_")})
+    from quantpipe.artifacts import ArtifactStore
+    from quantpipe.deployment.settings import DeploySettings
+    from quantpipe.deployment.switchover import teardown
+    from quantpipe.settings import Environment
+
+    store = ArtifactStore(Environment.from_env().artifact_root)
+    root = store.path("deployments")
+    if not root.is_dir():
+        return
+    for name in sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        pids = teardown(store, DeploySettings.load(), name)
+        if pids:
+            print(f"stopped deployment {name} (pids {pids})")
+
+
 def stop() -> None:
+    stop_deployments()
     for name in reversed(list(COMPONENTS)):
         pidfile = HOME / f"{name}.pid"
         if not pidfile.exists():
@@ -181,7 +208,41 @@ def trigger(conf: dict, timeout_s: int = 3600) -> dict:
     validation = x.get("value") if status == 200 else None
     if isinstance(validation, str):
         validation = json.loads(validation)
-    return {"run_id": run_id, "state": run.get("state"), "tasks": states, "validation": validation}
+    deployed = None
+    if states.get("deploy") == "success":
+        status, x = _http("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/deploy/xcomEntries/"
+                                 "return_value", token=tok)
+        deployed = x.get("value") if status == 200 else None
+        if isinstance(deployed, str):
+            deployed = json.loads(deployed)
+    return {"run_id": run_id, "state": run.get("state"), "tasks": states, "validation": validation,
+            "deployed": deployed}
+
+
+def ask_endpoint(deployed: dict, prompt: str = "The capital of France is") -> str:
+    key = airflow_env()["QUANTPIPE_VLLM_API_KEY"]
+    body = {"model": deployed["model"], "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    req = urllib.request.Request(deployed["endpoint_url"].rstrip("/") + "/completions", method="POST",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())["choices"][0]["text"]
+
+
+def prometheus_metric(expr: str, wait_s: float = 60) -> list:
+    import urllib.parse
+
+    url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                result = json.loads(r.read())["data"]["result"]
+        except OSError:
+            result = []
+        if result or time.time() > deadline:
+            return result
+        time.sleep(3)
 
 
 def main() -> None:
@@ -202,6 +263,16 @@ def main() -> None:
                   f" (perplexity {v['perplexity_baseline']:.3f} -> {v['perplexity_quantized']:.3f},"
                   f" top-1 agreement {v['top1_agreement']:.3f}, greedy token agreement {v['token_agreement']:.3f})")
             print(f"report: {v['report_html_uri']}")
+        d = res.get("deployed")
+        if d:
+            print(f"endpoint: {d['endpoint_url']} (model {d['model']!r}, {d['scheme']}, vLLM pid {d['pid']}, "
+                  f"loaded in {d['load_seconds']:.0f} s; API key in .airflow/vllm_api_key)")
+            print(f"completion: 'The capital of France is' ->{ask_endpoint(d)!r}")
+            series = prometheus_metric('vllm:generation_tokens_total')
+            print("prometheus: " + (", ".join(f"{r['metric'].get('__name__')}{{model_name={r['metric'].get('model_name')!r}}}"
+                                              f"={r['value'][1]}" for r in series)
+                                    if series else "no vLLM series scraped yet (is scripts/monitoring_local.py "
+                                                   "running?)") + "  (http://127.0.0.1:9090)")
         print(f"Airflow UI: {BASE}/dags/{DAG_ID}/runs/{res['run_id']}  (login admin / admin)")
         if res["state"] != "success":
             raise SystemExit(1)

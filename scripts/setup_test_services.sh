@@ -13,6 +13,10 @@ if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need_apt+=(redis-server)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+# monitoring servers the monitoring tests and `make demo` start themselves
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+command -v prometheus-pushgateway >/dev/null 2>&1 || need_apt+=(prometheus-pushgateway)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "installing ${need_apt[*]} from Debian"
   $SUDO apt-get update -qq
@@ -22,7 +26,12 @@ fi
 if command -v service >/dev/null 2>&1; then
   $SUDO service redis-server stop >/dev/null 2>&1 || true
   $SUDO service postgresql stop >/dev/null 2>&1 || true
+  for s in prometheus prometheus-alertmanager prometheus-pushgateway prometheus-node-exporter; do
+    $SUDO service "$s" stop >/dev/null 2>&1 || true
+  done
 fi
+# Debian's pushgateway persists here by default; never let stale metrics leak into a run
+$SUDO rm -f /var/lib/prometheus/pushgateway.data
 id postgres >/dev/null 2>&1 || { echo "user 'postgres' is missing after installing postgresql" >&2; exit 1; }
 
 if [ ! -x "$VENV/bin/python" ]; then

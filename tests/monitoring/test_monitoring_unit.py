@@ -107,8 +107,10 @@ def test_dashboard_is_provisionable():
             assert t["expr"] and "$" not in t["expr"], (p["title"], t["expr"])
     prov = (DOCKER / "grafana" / "provisioning" / "dashboards" / "quantpipe.yml").read_text()
     assert "/var/lib/grafana/dashboards" in prov
-    compose = (DOCKER / "docker-compose.yml").read_text()
-    assert "./grafana/dashboards:/var/lib/grafana/dashboards" in compose
+    compose = (DOCKER.parent / "docker-compose.yaml").read_text()
+    assert "./docker/grafana/dashboards:/var/lib/grafana/dashboards" in compose
+    prom = (DOCKER / "prometheus" / "prometheus.yml").read_text()
+    assert "worker-serving:8000" in prom  # the serving worker publishes the stable endpoint
 
 
 def test_promtool_rule_unit_tests():
