@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ EXPECTED_QUEUE = {"validate_params": "default", "prep_checkpoint": "default", "b
 def _launcher():
     spec = importlib.util.spec_from_file_location("airflow_celery", REPO / "scripts" / "airflow_celery.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, mod)  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
 
