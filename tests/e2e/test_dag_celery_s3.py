@@ -95,6 +95,8 @@ def test_quantization_dag_on_celery_workers_with_artifacts_in_s3(isolated_cache,
             text = path.read_text(errors="replace")
             assert not any(s in text for s in secrets_), f"a secret appears in {path}"
         for t in EXPECTED_QUEUE:
+            if t == "route":  # a branch's choice is not pushed as XCom
+                continue
             x = json.dumps(stack.xcom("llm_quantization", run_id, t))
             assert not any(s in x for s in secrets_)
     print(f"TOTAL: {time.monotonic() - t0:.1f} s")
