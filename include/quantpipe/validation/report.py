@@ -53,6 +53,8 @@ def _plot_png(report: dict) -> str:
         a.bar([i + 0.2 for i in x], [qt[n]["score"] for n in names], 0.4, label="quantized", color="#2a7")
         a.set_xticks(list(x), [n.removeprefix("qp_") for n in names])
         a.legend()
+    else:
+        a.text(0.5, 0.5, "not measured in this run (task_limit 0)", ha="center", va="center")
     a.set_title("Task accuracy per category")
     kl = report.get("kl")
     if kl:
@@ -66,6 +68,8 @@ def _plot_png(report: dict) -> str:
         vals = [r.get("loss_delta", 0) or 0 for r in sens]
         c.barh([r["layer"].removeprefix("model.") for r in sens][::-1], vals[::-1], color="#d62")
         c.set_xlabel("held-out NLL increase with only this layer quantized")
+    else:
+        c.text(0.5, 0.5, "not measured in this run (sensitivity_layers 0)", ha="center", va="center")
     c.set_title("Most sensitive layers")
     per = report["consistency"]["per_prompt"]
     n_tok = report["eval_settings"]["max_new_tokens"] if report.get("eval_settings") else 0
