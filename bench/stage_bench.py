@@ -44,7 +44,7 @@ def direct(conf: dict) -> dict:
     t["validate"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     if p.gate(val):
-        p.publish_approved(s, quant, val, "bench")
+        p.publish_approved(s, val, "bench")
     t["gate_publish"] = time.perf_counter() - t1
     t["total"] = time.perf_counter() - t0
     return {"seconds": {k: round(v, 2) for k, v in t.items()}, "validation": val}
@@ -85,7 +85,8 @@ def main() -> None:
         bits = 8 if method in ("fp8", "w8a8") else 4
         conf = {"method": method, "bits": bits, "calibration_samples": a.samples, "max_seq_length": a.seq,
                 "run_name": f"bench-{method}", "ppl_increase_pct": 1000, "accuracy_drop_pct": 100,
-                "min_top1_agreement": 0, "min_token_agreement": 0}
+                "min_top1_agreement": 0, "min_token_agreement": 0, "max_mean_kl": 100, "remediation": False,
+                "deploy": False}
         os.environ["QUANTPIPE_ARTIFACT_ROOT"] = str(base / f"direct-{method}")
         res = direct(conf)
         out = {"method": method, "stage_seconds": res["seconds"],

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .live_airflow import admin_token, airflow_instance  # noqa: F401  (session fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="quantpipe-tests-"))
 

@@ -90,3 +90,36 @@ def form_fields() -> dict[str, tuple[object, dict]]:
         schema["section"] = SECTIONS[name]
         out[name] = (default, schema)
     return out
+
+
+def conf_problem(conf: object) -> str | None:
+    """Why a trigger's ``conf`` would be refused by ``validate_params``; None when it is accepted.
+
+    The form's defaults are laid under ``conf`` exactly as Airflow does before the first task
+    runs, so the API (and the UI form that posts to it) can refuse inconsistent combinations,
+    such as fp8 with 4 bits, before a DAG run exists. Per-field bounds are Airflow's ``Param``
+    schema; this adds the cross-field rules only the typed settings know.
+    """
+    if conf is None:
+        conf = {}
+    if not isinstance(conf, dict):
+        return f"conf must be a JSON object, not {type(conf).__name__}"
+    flat = {name: default for name, (default, _) in form_fields().items()}
+    flat.update(conf)
+    try:
+        PipelineParams.from_flat(flat)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        return _one_line(e)
+    return None
+
+
+def _one_line(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
+        return "; ".join(parts)
+    return str(e)

@@ -97,6 +97,8 @@ def browser_flow(af, shots: Path) -> dict:
     shots.mkdir(parents=True, exist_ok=True)
     token = af.token("admin")
     wait_for_dag(af, DAG, token)
+    status, body = af._http("PATCH", f"/api/v2/dags/{DAG}", {"is_paused": False}, token)  # the instance is shared
+    assert status == 200 and not body["is_paused"], body
     _, before = af._http("GET", f"/api/v2/dags/{DAG}/dagRuns?limit=100", token=token)
     known = {r["dag_run_id"] for r in before.get("dag_runs", [])}
     profile = Path(tempfile.mkdtemp(prefix="quantpipe-chromium-"))
