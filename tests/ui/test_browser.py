@@ -47,15 +47,20 @@ def _fill_section(dialog, section: str, values: dict) -> None:
         field.first.press("Tab")
 
 
-def _pick_method(page, dialog, method: str) -> None:
-    dialog.get_by_role("button", name="Quantization", exact=True).click()
-    hidden = dialog.locator("input[name=element_method]")
+def _pick(page, dialog, field: str, value: str, open_section: bool = True) -> None:
+    """Choose ``value`` in the dropdown of enum param ``field`` (section Quantization)."""
+    if open_section:
+        dialog.get_by_role("button", name="Quantization", exact=True).click()
+    hidden = dialog.locator(f"input[name=element_{field}]")
     combo = hidden.locator("xpath=..").get_by_role("combobox")
-    if combo.count() == 0:
-        combo = dialog.get_by_role("combobox").first
+    assert combo.count() > 0, f"no dropdown for {field}"
     combo.first.click()
-    page.get_by_role("option", name=method, exact=True).click()
-    assert hidden.input_value() == method
+    page.get_by_role("option", name=value, exact=True).click()
+    assert hidden.input_value() == value, (field, hidden.input_value())
+
+
+def _pick_method(page, dialog, method: str) -> None:
+    _pick(page, dialog, "method", method)
 
 
 def _open_report(page, af, run_url: str, shot, out: dict) -> None:
@@ -88,6 +93,30 @@ def _open_report(page, af, run_url: str, shot, out: dict) -> None:
     page.goto(f"{af.BASE}/plugin/quantpipe-reports", wait_until="networkidle")
     page.frame_locator("iframe").first.get_by_text("Quantization reports").first.wait_for()
     shot(page, "08-reports-index.png")
+
+
+def _no_secret_rendered(page, af, run_url: str, shot, out: dict) -> None:
+    """7. The vLLM API key the deploy task used appears on none of the pages a user can open."""
+    key = (Path(af.HOME) / "vllm_api_key").read_text().strip()
+    assert len(key) >= 16
+    pages = {"deploy-log": (f"{run_url}/tasks/deploy", "endpoint"),
+             "deploy-xcom": (f"{run_url}/tasks/deploy/xcom", "endpoint_url"),
+             "deploy-rendered": (f"{run_url}/tasks/deploy/rendered_templates", "settings"),
+             "run": (run_url, "deploy"),
+             "report": (out["report_url"], "verdict")}
+    out["secret_checked_pages"] = []
+    for name, (url, marker) in pages.items():
+        page.goto(url, wait_until="networkidle")
+        page.wait_for_timeout(1500)
+        html_text = page.content()
+        for frame in page.frames:
+            html_text += frame.content()
+        assert marker in html_text, f"{name}: page did not render ({marker!r} missing)"
+        assert key not in html_text, f"the vLLM API key is rendered on {url}"
+        out["secret_checked_pages"].append(name)
+    page.goto(f"{run_url}/tasks/deploy/xcom", wait_until="networkidle")
+    page.wait_for_timeout(1000)
+    shot(page, "09-deploy-xcom.png")
 
 
 def browser_flow(af, shots: Path) -> dict:
@@ -137,6 +166,14 @@ def browser_flow(af, shots: Path) -> dict:
             dialog = page.locator("[role=dialog][data-state=open]")
             dialog.get_by_text("Trigger Dag").first.wait_for()
             _pick_method(page, dialog, "fp8")
+            # an inconsistent combination first: fp8 with 4-bit weights is refused at submit, no run
+            _pick(page, dialog, "bits", "4", open_section=False)
+            dialog.get_by_role("button", name="Trigger", exact=True).click()
+            dialog.get_by_text("does not support 4-bit").first.wait_for(timeout=20_000)
+            shot(page, "03a-trigger-form-refused.png")
+            _, runs = af._http("GET", f"/api/v2/dags/{DAG}/dagRuns?limit=100", token=token)
+            assert {r["dag_run_id"] for r in runs.get("dag_runs", [])} == known, "a refused trigger created a run"
+            _pick(page, dialog, "bits", "8", open_section=False)
             _fill_section(dialog, "Calibration", {k: SMALL[k] for k in ("calibration_samples", "max_seq_length")})
             _fill_section(dialog, "Evaluation", {k: SMALL[k] for k in
                                                  ("ppl_max_tokens", "num_prompts", "max_new_tokens", "task_limit",
@@ -179,6 +216,7 @@ def browser_flow(af, shots: Path) -> dict:
                                      f"{ {t['task_id']: t['state'] for t in tis.get('task_instances', [])} }")
 
             _open_report(page, af, run_url, shot, out)
+            _no_secret_rendered(page, af, run_url, shot, out)
             ctx.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
