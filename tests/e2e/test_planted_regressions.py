@@ -101,10 +101,20 @@ def test_planted_regression_fails_the_right_check(name, prep, model_dir, tmp_pat
     assert pipeline.gate(res) is False
 
 
-def test_sound_fp8_passes(prep):
-    settings, p = prep
+# sound quantizations: each must pass the default gate (calibration kept small for CI's CPU)
+SOUND = {
+    "fp8": {"method": "fp8", "bits": 8},
+    "w8a8": {"method": "w8a8", "bits": 8, "calibration_samples": 16, "max_seq_length": 128},
+}
+
+
+@pytest.mark.parametrize("name", list(SOUND))
+def test_sound_quantization_passes(name, prep):
+    settings = pipeline.validate_params({**CONF, **SOUND[name], "run_name": f"sound-{name}"})
+    _, p = prep  # the checkpoint and its cached baseline (evaluation settings are the same)
     calib = pipeline.build_calibration(settings, p)
     quant = pipeline.run_quantization(settings, p, calib)
-    res = pipeline.run_validation(settings, p, quant, "planted-sound-fp8")
-    assert res["passed"], res["failed_checks"]
+    res = pipeline.run_validation(settings, p, quant, f"planted-sound-{name}")
+    assert res["passed"], (name, res["failed_checks"])
     assert res["mean_kl"] is not None and res["mean_kl"] < 0.25
+    assert pipeline.gate(res) is True
