@@ -40,11 +40,7 @@ sys.path.insert(0, str(ROOT / "include"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8),
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2),
-}
+from gpu_common import SHAPES, llama_config, sync  # noqa: E402  (bench/ is the script's folder)
 
 
 def _tokenizer(folder: Path, vocab: int):
@@ -58,17 +54,10 @@ def _tokenizer(folder: Path, vocab: int):
     return t
 
 
-def _sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def run_one(a) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from quantpipe.quantization import gpu_profile
     from quantpipe.quantization.recipes import build_recipe
@@ -78,8 +67,7 @@ def run_one(a) -> dict:
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=a.vocab, num_hidden_layers=a.layers, max_position_embeddings=max(4096, a.seq),
-                      tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0, **SHAPES[a.shape])
+    cfg = llama_config(a.shape, a.layers, a.vocab, max_positions=max(4096, a.seq))
     t0 = time.perf_counter()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
@@ -96,7 +84,7 @@ def run_one(a) -> dict:
     held = torch.randint(0, a.vocab, (4, a.seq), generator=g).to(dev)
     with torch.no_grad():
         ref = [model.model(input_ids=held[i:i + 1]).last_hidden_state.float() for i in range(len(held))]
-    _sync()
+    sync()
     t_build = time.perf_counter() - t0
 
     method = {"fp8": "fp8", "fp8_gpu": "fp8", "awq": "awq", "awq_gpu": "awq"}.get(v, "gptq")
@@ -140,7 +128,7 @@ def run_one(a) -> dict:
 
     def _mark(cls, *args, **kwargs):
         r = orig(cls, *args, **kwargs)
-        _sync()
+        sync()
         marks.append(time.perf_counter())
         return r
 
@@ -148,11 +136,11 @@ def run_one(a) -> dict:
 
     from llmcompressor import oneshot
 
-    _sync()
+    sync()
     t1 = time.perf_counter()
     with torch.no_grad():
         model = oneshot(model=model, tokenizer=tok, recipe=recipe, **kw)
-    _sync()
+    sync()
     t_oneshot = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 

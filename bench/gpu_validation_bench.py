@@ -30,24 +30,14 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2),
-}
-
-
-def _sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from gpu_common import SHAPES, llama_config, sync  # noqa: E402  (bench/ is the script's folder)
 
 
 def timed(fn):
-    _sync()
+    sync()
     t = time.perf_counter()
     r = fn()
-    _sync()
+    sync()
     return r, time.perf_counter() - t
 
 
@@ -247,7 +237,7 @@ def overlapped_pass(model, windows, reqs, prompts, a, dev, graph: bool = False) 
         except Exception as e:  # reported by the caller
             box["error"] = e
 
-    _sync()
+    sync()
     t = time.perf_counter()
     th = threading.Thread(target=worker)
     th.start()
@@ -255,7 +245,7 @@ def overlapped_pass(model, windows, reqs, prompts, a, dev, graph: bool = False) 
         ppl_pass(model, windows, a.ppl_batch)
         mc_batched(model, reqs, dev, a.mc_token_budget)
     th.join()
-    _sync()
+    sync()
     if "error" in box:
         raise box["error"]
     return time.perf_counter() - t
@@ -267,7 +257,7 @@ def gen_tokens_of(plens, a) -> int:
 
 def main() -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
@@ -291,8 +281,7 @@ def main() -> None:
     dev = "cuda" if cuda else "cpu"
     tf = matmul_tflops(dev, a.matmul_n)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=a.vocab, num_hidden_layers=a.layers, max_position_embeddings=4096,
-                      tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0, **SHAPES[a.shape])
+    cfg = llama_config(a.shape, a.layers, a.vocab)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
         model = LlamaForCausalLM(cfg)

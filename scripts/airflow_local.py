@@ -20,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from quantpipe.procs import pid_alive
+
 REPO = Path(__file__).resolve().parents[1]
 HOME = Path(os.environ.get("QUANTPIPE_AIRFLOW_HOME", REPO / ".airflow"))
 HOST, PORT = "127.0.0.1", int(os.environ.get("QUANTPIPE_AIRFLOW_PORT", "8080"))
@@ -78,14 +80,6 @@ def _airflow_bin() -> str:
     return str(Path(sys.executable).with_name("airflow"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 def _http(method: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(BASE + path, method=method,
                                  data=json.dumps(body).encode() if body is not None else None,
@@ -116,7 +110,7 @@ def start() -> None:
     subprocess.run([_airflow_bin(), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
     for name, args in COMPONENTS.items():
         pidfile = HOME / f"{name}.pid"
-        if pidfile.exists() and _alive(int(pidfile.read_text())):
+        if pidfile.exists() and pid_alive(int(pidfile.read_text())):
             print(f"{name} already running (pid {pidfile.read_text()})")
             continue
         log = open(HOME / "logs" / f"{name}.log", "ab")
@@ -162,14 +156,16 @@ def stop() -> None:
         if not pidfile.exists():
             continue
         pid = int(pidfile.read_text())
-        if _alive(pid):
+        if pid_alive(pid):
             os.killpg(pid, signal.SIGTERM)
             for _ in range(30):
-                if not _alive(pid):
+                if not pid_alive(pid):
                     break
                 time.sleep(0.5)
-            else:
+            try:  # whatever of its process group outlived it (or it, after 15 s)
                 os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             print(f"stopped {name} (pid {pid})")
         pidfile.unlink()
 

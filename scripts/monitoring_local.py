@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from quantpipe.procs import pid_alive
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 HOME = Path(os.environ.get("QUANTPIPE_MONITORING_HOME", REPO / ".monitoring"))
@@ -47,17 +49,9 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 def _start(name: str, argv: list[str]) -> None:
     pidfile = HOME / f"{name}.pid"
-    if pidfile.exists() and _alive(int(pidfile.read_text())):
+    if pidfile.exists() and pid_alive(int(pidfile.read_text())):
         print(f"{name} already running (pid {pidfile.read_text()})")
         return
     log = open(HOME / f"{name}.log", "ab")
@@ -107,7 +101,7 @@ def stop() -> None:
         pidfile = HOME / f"{name}.pid"
         if pidfile.exists():
             pid = int(pidfile.read_text())
-            if _alive(pid):
+            if pid_alive(pid):
                 os.killpg(pid, signal.SIGTERM)
                 print(f"stopped {name} (pid {pid})")
             pidfile.unlink()

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 
 from .errors import ArtifactError
 from .hashing import sha256_file
+from .procs import pid_alive
 
 MANIFEST = "MANIFEST.json"
 
@@ -149,15 +150,5 @@ def _remove_dead_scratch(final: Path) -> None:
             pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
         except (ValueError, IndexError):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from quantpipe.procs import pid_alive
+
 HOST = "127.0.0.1"
 PG_BIN = Path(os.environ.get("QUANTPIPE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SETUP_HINT = "run scripts/setup_test_services.sh"
@@ -70,18 +72,6 @@ def short_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def stop_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 20.0, group: bool = False) -> None:

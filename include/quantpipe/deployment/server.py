@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ..errors import PipelineError
+from ..procs import pid_alive, start_ticks
 from .settings import DeploySettings
 
 log = logging.getLogger(__name__)
@@ -47,24 +48,9 @@ class ServerHandle(BaseModel):
         return f"http://{self.host}:{self.port}"
 
 
-def _start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-
-
 def is_alive(h: ServerHandle) -> bool:
     """Same process (pid and start time) and not a zombie."""
-    return _start_ticks(h.pid) == h.start_ticks and _state(h.pid) not in (None, "Z", "X")
+    return start_ticks(h.pid) == h.start_ticks and pid_alive(h.pid)
 
 
 def port_free(host: str, port: int) -> bool:
@@ -148,7 +134,7 @@ def launch(s: DeploySettings, model_dir: Path, served_name: str, *, port: int | 
                                 close_fds=True)
     ticks = None
     for _ in range(50):
-        ticks = _start_ticks(proc.pid)
+        ticks = start_ticks(proc.pid)
         if ticks is not None:
             break
         time.sleep(0.02)

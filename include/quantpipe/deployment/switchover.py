@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from ..artifacts import ArtifactStore, path_to_uri, uri_to_path
 from ..errors import PipelineError
+from ..procs import start_ticks
 from . import server as srv
 from .health import HealthError, require_healthy
 from .proxy import read_state, write_state
@@ -151,7 +152,7 @@ def ensure_proxy(s: DeploySettings) -> srv.ServerHandle:
                              start_new_session=True, close_fds=True)
     ticks = None
     for _ in range(50):
-        ticks = srv._start_ticks(p.pid)
+        ticks = start_ticks(p.pid)
         if ticks is not None:
             break
         time.sleep(0.02)
