@@ -1,34 +1,44 @@
 """Validation-stage throughput on a GPU, against the bf16 matmul roofline of the same run.
 
 A LlamaForCausalLM with Llama-3-8B shapes and random bf16 weights (32 layers by default:
-16 GB fits an H100) runs the three kinds of work of the validation stage:
+16 GB fits an H100) is measured two ways, both through the product's own code
+(``quantpipe.validation``), with the placement a GPU worker resolves by default
+(``EvalEngine``: CUDA, bfloat16, batched perplexity windows, log-likelihood batches under
+a token budget, batched greedy decoding with a CUDA-graph step):
 
-  ppl  perplexity over 2048-token windows (batch 1 as the naive path, batch 4 tuned)
-  mc   log-likelihood of many short multiple-choice requests (~100 tokens): naive = one
-       request per forward with logits at every position; tuned = sorted by length,
-       right-padded batches under a token budget (no mask needed: causal attention never
-       looks at the padding after a row's end), lm_head only at continuation positions
-  gen  greedy generation with KV cache: naive = one prompt at a time; tuned = all prompts
-       in one left-padded batch
+  parts  each kind of work on synthetic requests, against its naive form: perplexity
+         windows (batch 1 vs the engine's batch), many short multiple-choice log-likelihood
+         requests (one request per forward with logits everywhere vs
+         ``engine.loglikelihoods``), greedy generation (one prompt at a time with HF
+         ``generate`` vs ``engine.greedy``)
+  stage  ``metrics.measure_loaded``: exactly what the validation stage runs on a loaded
+         model, on the shipped held-out text, prompts and lm-eval task sets (``--assets``:
+         the small model's tokenizer, ``heldout.jsonl``, the task folder), first as the
+         baseline, then as the candidate with KL against the baseline's reference
 
-Useful tokens = tokens of the requests (never padding) + generated tokens. The whole
-validation pass counts the quantized model's ppl + mc + gen with one model load; the
-baseline's results come from the cache keyed by checkpoint hash, so it costs nothing on a
-re-run (the figure without the cache is printed too). Roofline tokens/s = measured bf16
-matmul TFLOP/s / (2 x matmul params per token). Prints one JSON line.
+Useful tokens = tokens of the requests (never padding) + generated tokens. The candidate's
+pass is the stage's cost on a re-run (the baseline is cached by checkpoint hash); the
+figure with the baseline measured too is printed beside it. Roofline tokens/s = measured
+bf16 matmul TFLOP/s / (2 x matmul params per token). Prints one JSON line.
 
-  python bench/gpu_validation_bench.py --layers 32
+  python bench/gpu_validation_bench.py --layers 32 --assets .bench-assets
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 
 from gpu_common import SHAPES, llama_config, sync  # noqa: E402  (bench/ is the script's folder)
 
@@ -56,208 +66,240 @@ def matmul_tflops(dev: str, n: int) -> float:
     return 2 * n ** 3 / times[len(times) // 2] / 1e12
 
 
-def ppl_pass(model, windows, batch: int) -> tuple[float, int]:
-    import torch
-    import torch.nn.functional as F
-
-    nll, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        ids = windows[i:i + batch]
-        h = model.model(input_ids=ids).last_hidden_state
-        for r in range(ids.shape[0]):
-            logits = model.lm_head(h[r, :-1]).float()
-            nll += F.cross_entropy(logits, ids[r, 1:], reduction="sum").item()
-            count += ids.shape[1] - 1
-    return nll / count, count
-
-
-def mc_naive(model, reqs, dev) -> list[float]:
+def mc_naive(model, reqs) -> list[float]:
     import torch
 
+    dev = next(model.parameters()).device
     out = []
-    for ctx, cont in reqs:
-        ids = torch.tensor([ctx + cont], device=dev)
-        logits = model(input_ids=ids).logits[0].float()
-        lp = torch.log_softmax(logits[len(ctx) - 1:-1], -1)
-        out.append(lp.gather(1, ids[0, len(ctx):, None]).sum().item())
+    with torch.inference_mode():
+        for ctx, cont in reqs:
+            ids = torch.tensor([ctx + cont], device=dev)
+            lp = torch.log_softmax(model(input_ids=ids).logits[0].float()[len(ctx) - 1:-1], -1)
+            out.append(lp.gather(1, ids[0, len(ctx):, None]).sum().item())
     return out
 
 
-def mc_batched(model, reqs, dev, token_budget: int) -> list[float]:
+def gen_naive(model, prompts, new: int):
     import torch
 
-    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]) - len(reqs[i][1]))
-    res = [0.0] * len(reqs)
-    i = 0
-    while i < len(order):
-        width = len(reqs[order[i]][0]) + len(reqs[order[i]][1])
-        n = max(1, token_budget // width)
-        chunk = order[i:i + n]
-        i += n
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        rows, cols, tgt, owner = [], [], [], []
-        for r, k in enumerate(chunk):
-            ctx, cont = reqs[k]
-            seq = ctx + cont
-            ids[r, :len(seq)] = torch.tensor(seq)
-            for j in range(len(cont)):
-                rows.append(r)
-                cols.append(len(ctx) - 1 + j)
-                tgt.append(cont[j])
-                owner.append(r)
-        ids = ids.to(dev, non_blocking=True)
-        h = model.model(input_ids=ids).last_hidden_state
-        sel = h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
-        lp = torch.log_softmax(model.lm_head(sel).float(), -1)
-        tok_lp = lp.gather(1, torch.tensor(tgt, device=dev)[:, None])[:, 0]
-        sums = torch.zeros(len(chunk), device=dev).index_add_(0, torch.tensor(owner, device=dev), tok_lp)
-        for r, k in enumerate(chunk):
-            res[k] = sums[r].item()
-    return res
-
-
-def gen_naive(model, prompts, new: int, dev):
-    import torch
-
+    dev = next(model.parameters()).device
     outs = []
-    for p in prompts:
-        ids = torch.tensor([p], device=dev)
-        o = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                           min_new_tokens=new, do_sample=False, pad_token_id=0)
-        outs.append(o[0, len(p):].tolist())
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p], device=dev)
+            o = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+            outs.append(o[0, len(p):].tolist())
     return outs
 
 
-def gen_batched(model, prompts, new: int, dev):
+def parts(model, placement, a, res: dict) -> None:
+    """Each kind of work alone: naive against the engine, synthetic token ids."""
     import torch
 
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    o = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
-                       min_new_tokens=new, do_sample=False, pad_token_id=0)
-    return [row[width:].tolist() for row in o]
+    from quantpipe.validation.engine import greedy, loglikelihoods
+    from quantpipe.validation.metrics import perplexity
+
+    g = torch.Generator().manual_seed(1)
+    V = a.vocab
+    ids = torch.randint(0, V, (a.windows * a.window,), generator=g).tolist()
+    reqs = [(torch.randint(0, V, (c,), generator=g).tolist(), torch.randint(0, V, (k,), generator=g).tolist())
+            for c, k in zip(torch.randint(40, 121, (a.mc,), generator=g).tolist(),
+                            torch.randint(1, 21, (a.mc,), generator=g).tolist())]
+    plens = torch.randint(32, 97, (a.prompts,), generator=g).tolist()
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in plens]
+
+    perplexity(model, ids[:a.window], a.window)  # warm-up
+    _, t1 = timed(lambda: perplexity(model, ids[:8 * a.window], a.window, batch=1))
+    _, tb = timed(lambda: perplexity(model, ids, a.window, batch=placement.ppl_batch))
+    res["ppl"] = {"tokens": len(ids), "naive_b1_tok_s": round(8 * a.window / t1),
+                  "engine_tok_s": round(len(ids) / tb), "batch": placement.ppl_batch, "engine_s": round(tb, 3)}
+
+    mc_tokens = sum(len(c) + len(k) for c, k in reqs)
+    loglikelihoods(model, reqs[:8], placement.token_budget)
+    naive, tn = timed(lambda: mc_naive(model, reqs[:a.mc_naive]))
+    tuned, tm = timed(lambda: loglikelihoods(model, reqs, placement.token_budget))
+    diff = max(abs(x - y[0]) for x, y in zip(naive, tuned))
+    res["mc"] = {"requests": a.mc, "tokens": mc_tokens,
+                 "naive_tok_s": round(sum(len(c) + len(k) for c, k in reqs[:a.mc_naive]) / tn),
+                 "engine_tok_s": round(mc_tokens / tm), "engine_s": round(tm, 3),
+                 "max_abs_loglik_diff_vs_naive": round(diff, 4), "token_budget": placement.token_budget}
+
+    gen_tokens = sum(plens) + a.prompts * a.new_tokens
+    greedy(model, prompts[:2], 4, 0, cuda_graph=placement.cuda_graph)
+    gn, tgn = timed(lambda: gen_naive(model, prompts[:a.gen_naive], a.new_tokens))
+    ge, tge = timed(lambda: greedy(model, prompts, a.new_tokens, 0, cuda_graph=False))
+    gg, tgg = timed(lambda: greedy(model, prompts, a.new_tokens, 0, cuda_graph=placement.cuda_graph))
+    res["gen"] = {"prompts": a.prompts, "new_tokens": a.new_tokens, "tokens": gen_tokens,
+                  "naive_tok_s": round((sum(plens[:a.gen_naive]) + a.gen_naive * a.new_tokens) / tgn),
+                  "engine_eager_tok_s": round(gen_tokens / tge), "engine_tok_s": round(gen_tokens / tgg),
+                  "engine_s": round(tgg, 3), "decode_ms_per_step": round(1000 * tgg / a.new_tokens, 2),
+                  "cuda_graph": placement.cuda_graph,
+                  "rows_graph_same_as_eager": f"{sum(x == y for x, y in zip(gg, ge))}/{a.prompts}",
+                  "rows_eager_same_as_generate": f"{sum(x == y for x, y in zip(ge, gn))}/{a.gen_naive}"}
+    t = tb + tm + tgg
+    total = len(ids) + mc_tokens + gen_tokens
+    res["parts_pass"] = {"tokens": total, "seconds": round(t, 3), "useful_tok_s": round(total / t),
+                         "pct_of_roofline": round(100 * total / t / res["roofline_tok_s"], 1)}
+    if placement.overlap and dev_is_cuda(model):
+        # the product's arrangement (metrics.measure_loaded): log-likelihoods beside
+        # perplexity then generation
+        from quantpipe.validation.engine import overlapped
+
+        def main_part():
+            return perplexity(model, ids, a.window, batch=placement.ppl_batch), \
+                greedy(model, prompts, a.new_tokens, 0, cuda_graph=placement.cuda_graph)
+
+        (_, gens_ov), t_ov = timed(lambda: overlapped(main_part, lambda: loglikelihoods(model, reqs, placement.token_budget)))
+        res["parts_pass_overlapped"] = {"seconds": round(t_ov, 3), "useful_tok_s": round(total / t_ov),
+                                        "pct_of_roofline": round(100 * total / t_ov / res["roofline_tok_s"], 1),
+                                        "greedy_rows_same_as_sequential": f"{sum(x == y for x, y in zip(gens_ov, gg))}/{a.prompts}"}
 
 
-def gen_static(model, prompts, new: int, dev, graph: bool, force=None):
-    """Greedy decoding with a static KV cache and a 4-D boolean mask built on the device, so
-    that one decode step can be captured once as a CUDA graph and replayed (no per-step
-    Python and kernel-launch cost). ``graph=False`` runs the same steps eagerly."""
+def dev_is_cuda(model) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
+def task_folder(src: Path, dest: Path) -> Path:
+    """The shipped task YAMLs name their data files by absolute path: point them here."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix == ".jsonl":
+            shutil.copy(f, dest / f.name)
+    for f in src.glob("*.yaml"):
+        text = f.read_text()
+        for line in text.splitlines():
+            if line.strip().startswith("test:"):
+                old = line.split("test:", 1)[1].strip()
+                text = text.replace(old, str(dest / Path(old).name))
+        (dest / f.name).write_text(text)
+    return dest
+
+
+class Counter:
+    """Counts the useful tokens the engine is given (request tokens and generated tokens) and
+    the time spent inside the engine (device synced), so the rest is lm-eval's own work."""
+
+    def __init__(self):
+        self.reset()
+
+    timing = True  # off while streams overlap: its device syncs would serialize them
+
+    def reset(self):
+        self.tokens = {"perplexity": 0, "loglikelihood": 0, "generation": 0}
+        self.seconds = {"loglikelihood": 0.0, "generation": 0.0}
+
+    def install(self):
+        from quantpipe.validation import accuracy, engine, metrics
+
+        ll, gr, ppl = engine.loglikelihoods, engine.greedy, metrics.perplexity
+
+        def loglik(model, reqs, budget):
+            self.tokens["loglikelihood"] += sum(len(c) + len(k) for c, k in reqs)
+            if not self.timing:
+                return ll(model, reqs, budget)
+            out, dt = timed(lambda: ll(model, reqs, budget))
+            self.seconds["loglikelihood"] += dt
+            return out
+
+        def greedy(model, prompts, new, pad, **kw):
+            if self.timing:
+                out, dt = timed(lambda: gr(model, prompts, new, pad, **kw))
+                self.seconds["generation"] += dt
+            else:
+                out = gr(model, prompts, new, pad, **kw)
+            self.tokens["generation"] += sum(len(p) for p in prompts) + sum(len(o) for o in out)
+            return out
+
+        def perplexity(model, ids, window, reference=None, batch=1):
+            out = ppl(model, ids, window, reference, batch)
+            self.tokens["perplexity"] += out["tokens"] + len(range(0, len(ids), window))
+            return out
+
+        accuracy.loglikelihoods, accuracy.greedy, metrics.greedy, metrics.perplexity = loglik, greedy, greedy, perplexity
+
+
+def graph_check(res: dict) -> None:
+    """CUDA-graph decoding against eager decoding and HF ``generate`` on a small float32
+    model, where logit gaps are wide enough for greedy tokens to be compared exactly."""
     import torch
-    from transformers import StaticCache
+    from transformers import LlamaForCausalLM
 
-    B, width = len(prompts), max(len(p) for p in prompts)
-    L = width + new
-    ids = torch.zeros((B, width), dtype=torch.long)
-    pad = torch.zeros((B, L), dtype=torch.bool)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        pad[r, width - len(p):] = True
-    ids, pad = ids.to(dev), pad.to(dev)
-    pad[:, width:] = True
-    ar = torch.arange(L, device=dev)
-    start = (~pad[:, :width]).sum(-1)  # left padding per row
-    cache = StaticCache(config=model.config, max_cache_len=L)
-    q = torch.arange(width, device=dev)
-    m4 = pad[:, None, None, :] & (ar[None, None, None, :] <= q[None, None, :, None])
-    pos = (q[None, :] - start[:, None]).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=m4, position_ids=pos, cache_position=q,
-                   past_key_values=cache).logits[:, -1]
-    tok = logits.argmax(-1, keepdim=True)
-    out = [tok.clone()]
-    cpos = torch.tensor([width], device=dev)
-    ppos = (width - start)[:, None].clone()
+    from quantpipe.validation.engine import greedy
 
-    def step():
-        mask = pad[:, None, None, :] & (ar[None, None, None, :] <= cpos)
-        lg = model(input_ids=tok, attention_mask=mask, position_ids=ppos, cache_position=cpos,
-                   past_key_values=cache).logits[:, -1]
-        return lg.argmax(-1, keepdim=True), lg
-
-    g = None
-    if graph and dev == "cuda":
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step()  # writes slot `width` with the right token; replays rewrite it
-        torch.cuda.current_stream().wait_stream(s)
-        # the static cache counts its own write position (cumulative_length, a device
-        # tensor advanced in place by each update): undo the warm-ups' advances; each replay
-        # then advances it by one, in step with cpos
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(width)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, capture_error_mode="thread_local"):
-            nxt_static, lg_static = step()
-    if force is not None:  # teacher forcing: feed the given tokens, return every step's logits
-        tok.copy_(torch.tensor([[r[0]] for r in force], device=dev))
-        logs = [logits.float()]
-    for t in range(new - 1):
-        if g is not None:
-            g.replay()
-            nxt, lg = nxt_static.clone(), lg_static
-        else:
-            nxt, lg = step()
-        if force is not None:
-            logs.append(lg.float().clone())
-            nxt = torch.tensor([[r[t + 1]] for r in force], device=dev)
-        tok.copy_(nxt)
-        cpos += 1
-        ppos += 1
-        out.append(nxt)
-    if force is not None:
-        return torch.stack(logs)
-    return [row.tolist() for row in torch.cat(out, 1)]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(llama_config("tiny", 4, 1000)).float().eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 1000, (n,), generator=g).tolist() for n in (5, 17, 33, 8, 60, 21, 2, 40)]
+    graph = greedy(m, prompts, 48, 0, cuda_graph=True)
+    eager = greedy(m, prompts, 48, 0, cuda_graph=False)
+    gen = gen_naive(m, prompts, 48)
+    res["graph_check_fp32_tiny"] = {"rows": len(prompts), "graph_same_as_eager": sum(x == y for x, y in zip(graph, eager)),
+                                    "eager_same_as_generate": sum(x == y for x, y in zip(eager, gen))}
 
 
-def overlapped_pass(model, windows, reqs, prompts, a, dev, graph: bool = False) -> float:
-    """ppl + mc on the default stream while greedy decoding runs in a second thread on its
-    own CUDA stream: decoding at batch 32 is bound by Python and kernel launches (~34 ms a
-    step on the H100 for ~6 ms of GPU work), so its steps fill gaps between the big GEMMs."""
-    import threading
+def stage(model, placement, a, res: dict) -> None:
+    from transformers import AutoTokenizer
 
-    import torch
+    from quantpipe.assets.corpus import read_texts
+    from quantpipe.settings import EvalSettings
+    from quantpipe.validation.metrics import measure_loaded
 
-    box: dict = {}
-
-    def worker():
-        try:
-            with torch.inference_mode():
-                if dev == "cuda":
-                    s2 = torch.cuda.Stream()
-                    with torch.cuda.stream(s2):
-                        box["gen"] = gen_static(model, prompts, a.new_tokens, dev, graph)
-                        s2.synchronize()
-                else:
-                    box["gen"] = gen_static(model, prompts, a.new_tokens, dev, False)
-        except Exception as e:  # reported by the caller
-            box["error"] = e
-
-    sync()
-    t = time.perf_counter()
-    th = threading.Thread(target=worker)
-    th.start()
-    with torch.inference_mode():
-        ppl_pass(model, windows, a.ppl_batch)
-        mc_batched(model, reqs, dev, a.mc_token_budget)
-    th.join()
-    sync()
-    if "error" in box:
-        raise box["error"]
-    return time.perf_counter() - t
-
-
-def gen_tokens_of(plens, a) -> int:
-    return sum(plens) + a.prompts * a.new_tokens
+    assets = Path(a.assets)
+    tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    texts = read_texts(assets / "heldout.jsonl")
+    tasks = task_folder(assets / "tasks", Path(tempfile.mkdtemp(prefix="qp-tasks-")))
+    s = EvalSettings(ppl_max_tokens=a.stage_ppl_tokens, ppl_window=a.window, num_prompts=a.stage_prompts,
+                     max_new_tokens=a.new_tokens, task_limit=a.task_limit, tasks=tuple(a.tasks.split(",")))
+    counter = Counter()
+    counter.install()
+    counter.timing = not placement.overlap
+    small = s.model_copy(update={"ppl_max_tokens": 256, "task_limit": 2, "num_prompts": 2, "max_new_tokens": 4})
+    measure_loaded(model, tok, texts, small, tasks, None, placement)  # warm-up (lm-eval imports, graphs)
+    counter.reset()
+    base, tb = timed(lambda: measure_loaded(model, tok, texts, s, tasks, None, placement))
+    useful_base = dict(counter.tokens)
+    counter.reset()
+    cand, tc = timed(lambda: measure_loaded(model, tok, texts, s, tasks, base["dist"], placement))
+    useful = sum(counter.tokens.values())
+    tokens = dict(counter.tokens)
+    roof = res["roofline_tok_s"]
+    out = {"settings": s.model_dump(), "engine": cand["engine"], "overlap": placement.overlap, "useful_tokens": tokens,
+           "seconds": round(tc, 3), "useful_tok_s": round(useful / tc),
+           "pct_of_roofline": round(100 * useful / tc / roof, 1),
+           "with_baseline_seconds": round(tb + tc, 3),
+           "with_baseline_pct_of_roofline": round(100 * (useful + sum(useful_base.values())) / (tb + tc) / roof, 1),
+           "tasks": {k: {"score": v["score"], "n": v["n"]} for k, v in cand.get("accuracy", {}).get("tasks", {}).items()},
+           "candidate_vs_baseline": {"kl_mean": cand["perplexity"]["kl"]["mean"],
+                                     "same_greedy_rows": sum(x["token_ids"] == y["token_ids"] for x, y in
+                                                             zip(base["generations"], cand["generations"]))}}
+    # the same candidate pass one part after another: where the time goes, and the same figures
+    seq = dataclasses.replace(placement, overlap=False)
+    counter.timing = True
+    counter.reset()
+    one, ts = timed(lambda: measure_loaded(model, tok, texts, s, tasks, base["dist"], seq))
+    ppl_s = one["perplexity"]["seconds"]
+    acc_s = one.get("accuracy", {}).get("seconds", 0.0)
+    items = [(a, b) for k in one.get("accuracy", {}).get("tasks", {})
+             for a, b in zip(one["accuracy"]["tasks"][k]["per_item"], cand["accuracy"]["tasks"][k]["per_item"])]
+    out["sequential"] = {
+        "seconds": round(ts, 3), "pct_of_roofline": round(100 * useful / ts / roof, 1),
+        "breakdown_s": {"perplexity_kl": ppl_s, "lm_eval_tasks": acc_s, "greedy_and_rest": round(ts - ppl_s - acc_s, 3),
+                        "engine_loglikelihood": round(counter.seconds["loglikelihood"], 3),
+                        "engine_generation_all": round(counter.seconds["generation"], 3)},
+        "same_as_overlapped": {
+            "perplexity_rel_diff": abs(one["perplexity"]["perplexity"] / cand["perplexity"]["perplexity"] - 1),
+            "task_items_equal": f"{sum(a == b for a, b in items)}/{len(items)}",
+            "greedy_rows_equal": f"{sum(x['token_ids'] == y['token_ids'] for x, y in zip(one['generations'], cand['generations']))}/{len(one['generations'])}"}}
+    res["stage"] = out
 
 
 def main() -> None:
     import torch
     from transformers import LlamaForCausalLM
+
+    from quantpipe.validation.engine import resolve_placement
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
@@ -265,126 +307,42 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--window", type=int, default=2048)
-    p.add_argument("--ppl-batch", type=int, default=4)
     p.add_argument("--mc", type=int, default=1000)
     p.add_argument("--mc-naive", type=int, default=100, help="requests timed on the naive path")
-    p.add_argument("--mc-token-budget", type=int, default=32768)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--gen-naive", type=int, default=4, help="prompts timed on the naive path")
     p.add_argument("--matmul-n", type=int, default=8192)
-    p.add_argument("--try-graph", action="store_true",
-                   help="also try a CUDA-graph decode step (failed with a device-side assert on 2026-11-24)")
+    p.add_argument("--assets", default=None, help="tokenizer/, heldout.jsonl, tasks/ for the stage pass")
+    p.add_argument("--stage-ppl-tokens", type=int, default=65536)
+    p.add_argument("--stage-prompts", type=int, default=16)
+    p.add_argument("--task-limit", type=int, default=200)
+    p.add_argument("--tasks", default="qp_piqa,qp_siqa,qp_openbookqa,qp_asdiv")
+    p.add_argument("--skip-parts", action="store_true")
     a = p.parse_args()
 
-    cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
+    placement = resolve_placement()
+    dev = placement.device
     tf = matmul_tflops(dev, a.matmul_n)
     torch.manual_seed(0)
     cfg = llama_config(a.shape, a.layers, a.vocab)
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(placement.torch_dtype)
     with torch.device(dev):
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     model.eval()
     n_mm = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    n_all = sum(x.numel() for x in model.parameters())
-    roof = tf * 1e12 / (2 * n_mm)
-
-    g = torch.Generator().manual_seed(1)
-    V = a.vocab
-    windows = torch.randint(0, V, (a.windows, a.window), generator=g).to(dev)
-    lens = torch.randint(40, 121, (a.mc,), generator=g).tolist()
-    conts = torch.randint(1, 21, (a.mc,), generator=g).tolist()
-    reqs = [(torch.randint(0, V, (c,), generator=g).tolist(), torch.randint(0, V, (k,), generator=g).tolist())
-            for c, k in zip(lens, conts)]
-    plens = torch.randint(32, 97, (a.prompts,), generator=g).tolist()
-    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in plens]
-
-    res: dict = {"bench": "gpu_validation", "device": torch.cuda.get_device_name() if cuda else "cpu",
-                 "layers": a.layers, "matmul_params": n_mm, "all_params": n_all,
-                 "matmul_tflops_bf16": round(tf, 1), "roofline_tok_s": round(roof)}
-    with torch.inference_mode():
-        # warm-up of every path
-        ppl_pass(model, windows[:1], 1)
-        mc_batched(model, reqs[:8], dev, a.mc_token_budget)
-        mc_naive(model, reqs[:2], dev)
-        gen_batched(model, prompts[:2], 4, dev)
-
-        (ppl1, n1), t1 = timed(lambda: ppl_pass(model, windows[:8], 1))
-        (pplb, nb), tb = timed(lambda: ppl_pass(model, windows, a.ppl_batch))
-        res["ppl"] = {"naive_b1_tok_s": round(8 * a.window / t1), "tuned_tok_s": round(a.windows * a.window / tb),
-                      "batch": a.ppl_batch, "tokens": a.windows * a.window, "tuned_s": round(tb, 3)}
-
-        mc_tokens = sum(len(c) + len(k) for c, k in reqs)
-        naive_lp, tn = timed(lambda: mc_naive(model, reqs[:a.mc_naive], dev))
-        naive_tokens = sum(len(c) + len(k) for c, k in reqs[:a.mc_naive])
-        tuned_lp, tm = timed(lambda: mc_batched(model, reqs, dev, a.mc_token_budget))
-        diff = max(abs(x - y) for x, y in zip(naive_lp, tuned_lp[:a.mc_naive]))
-        res["mc"] = {"requests": a.mc, "tokens": mc_tokens, "naive_tok_s": round(naive_tokens / tn),
-                     "tuned_tok_s": round(mc_tokens / tm), "tuned_s": round(tm, 3),
-                     "max_abs_loglik_diff_vs_naive": round(diff, 4), "token_budget": a.mc_token_budget}
-
-        gen_tokens = gen_tokens_of(plens, a)
-        gn, tgn = timed(lambda: gen_naive(model, prompts[:a.gen_naive], a.new_tokens, dev))
-        gb, tgb = timed(lambda: gen_batched(model, prompts, a.new_tokens, dev))
-        naive_gen_tokens = sum(plens[:a.gen_naive]) + a.gen_naive * a.new_tokens
-        same = sum(x == y for x, y in zip(gn, gb[:a.gen_naive]))
-        gen_extra = {}
-        best_t, best_out = tgb, gb
-        eager_out = None
-        for name, graph in (("static_eager", False),) + ((("static_cuda_graph", True),) if a.try_graph else ()):
-            try:
-                gen_static(model, prompts[:2], 4, dev, graph)  # warm-up
-                gs, tgs = timed(lambda: gen_static(model, prompts, a.new_tokens, dev, graph))
-                agree = sum(sum(x == y for x, y in zip(r1, r2)) for r1, r2 in zip(gs, gb))
-                if eager_out is None:
-                    eager_out = gs
-                same_eager = sum(r1 == r2 for r1, r2 in zip(gs, eager_out))
-                gen_extra[name] = {"tok_s": round(gen_tokens_of(plens, a) / tgs), "s": round(tgs, 3),
-                                   "token_agreement_vs_generate": round(agree / (a.prompts * a.new_tokens), 3),
-                                   "rows_same_as_static_eager": f"{same_eager}/{a.prompts}"}
-                if tgs < best_t:
-                    best_t, best_out = tgs, gs
-            except Exception as e:
-                gen_extra[name] = {"error": repr(e)[:300]}
-        tgb_hf, tgb = tgb, best_t
-        if "s" in gen_extra.get("static_cuda_graph", {}) and eager_out is not None:
-            # same forced tokens through both paths: logits must agree to bf16 rounding
-            le = gen_static(model, prompts, a.new_tokens, dev, False, force=eager_out)
-            lgr = gen_static(model, prompts, a.new_tokens, dev, True, force=eager_out)
-            gen_extra["graph_vs_eager_forced_logits_rel_diff"] = float(f"{((lgr - le).norm() / le.norm()).item():.2e}")
-            gen_extra["graph_vs_eager_forced_argmax_agreement"] = round(
-                (lgr.argmax(-1) == le.argmax(-1)).float().mean().item(), 4)
-        res["gen"] = {"prompts": a.prompts, "new_tokens": a.new_tokens, "tokens": gen_tokens,
-                      "naive_tok_s": round(naive_gen_tokens / tgn), "tuned_tok_s": round(gen_tokens / tgb),
-                      "hf_generate_s": round(tgb_hf, 3), "tuned_s": round(tgb, 3),
-                      "decode_ms_per_step": round(1000 * tgb / a.new_tokens, 2), **gen_extra,
-                      "greedy_same_as_naive": f"{same}/{a.gen_naive}"}
-
-    total_tokens = a.windows * a.window + mc_tokens + gen_tokens
-    t_tuned = tb + tm + tgb
-    t_naive = (a.windows * a.window) / (8 * a.window / t1) + mc_tokens / (naive_tokens / tn) \
-        + a.prompts * (tgn / a.gen_naive)
-    useful = total_tokens / t_tuned
-    res["whole_pass"] = {
-        "tokens": total_tokens, "seconds": round(t_tuned, 3), "useful_tok_s": round(useful),
-        "pct_of_roofline": round(100 * useful / roof, 1),
-        "pct_without_baseline_cache": round(100 * useful / 2 / roof, 1),
-        "naive_seconds_est": round(t_naive, 2), "naive_pct_of_roofline": round(100 * total_tokens / t_naive / roof, 1),
-        "share_of_time": {"ppl": round(tb / t_tuned, 3), "mc": round(tm / t_tuned, 3), "gen": round(tgb / t_tuned, 3)},
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
-    }
-    try:
-        use_graph = "s" in res["gen"].get("static_cuda_graph", {})
-        t_ov = overlapped_pass(model, windows, reqs, prompts, a, dev, use_graph)
-        res["whole_pass_overlapped"] = {
-            "seconds": round(t_ov, 3), "useful_tok_s": round(total_tokens / t_ov),
-            "pct_of_roofline": round(100 * total_tokens / t_ov / roof, 1),
-            "pct_without_baseline_cache": round(100 * total_tokens / t_ov / 2 / roof, 1),
-            "decode": "cuda_graph" if use_graph else "static_eager"}
-    except Exception as e:
-        res["whole_pass_overlapped"] = {"error": repr(e)[:300]}
+    res: dict = {"bench": "gpu_validation", "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+                 "placement": placement.__dict__, "layers": a.layers, "matmul_params": n_mm,
+                 "matmul_tflops_bf16": round(tf, 1), "roofline_tok_s": round(tf * 1e12 / (2 * n_mm))}
+    if not a.skip_parts:
+        parts(model, placement, a, res)
+    if a.assets:
+        stage(model, placement, a, res)
+    if dev == "cuda" and placement.cuda_graph:
+        graph_check(res)
+    if dev == "cuda":
+        res["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(res), flush=True)
 
 

@@ -25,6 +25,7 @@ from .quantization.recipes import check_group_size
 from .quantization.run import PROVENANCE, quantize
 from .settings import Environment, PipelineParams
 from .validation.checks import run_checks
+from .validation.engine import resolve_placement
 from .validation.metrics import load_model, measure
 from .validation.sensitivity import most_sensitive, sensitivity
 from .validation.report import REPORT_HTML, REPORT_JSON, build_report, render_html
@@ -149,18 +150,26 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     """Measure the quantized model exactly as the baseline was measured, check, rank layer
     sensitivity, and write one report (JSON + HTML) under runs/<run_id>/<label>-*."""
     p, env, store = _ctx(params)
+    placement = resolve_placement()
     bfolder = _local(prep["baseline_uri"])
     baseline = json.loads((bfolder / BASELINE_FILE).read_text())
-    qpath = _local(quant["quantized_uri"])
-    heldout = read_texts(builtin_corpus(env.cache_dir) / "heldout.jsonl")
     tasks = builtin_tasks(env.cache_dir) if p.evaluation.task_limit else None
-    quantized = measure(qpath, heldout, p.evaluation, tasks_dir=tasks, reference=load_reference(bfolder),
-                        keep_model=True)
+    corpus = builtin_corpus(env.cache_dir) / "heldout.jsonl"
+    if baseline.get("engine", "cpu-float32") != placement.kind:
+        # prep ran on another kind of worker: compare like with like (cached per device kind)
+        log.info("baseline was measured on %s, this worker evaluates on %s: using the %s baseline",
+                 baseline.get("engine", "cpu-float32"), placement.kind, placement.kind)
+        uri, baseline, _ = compute_baseline(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"],
+                                            corpus, p.evaluation, tasks, placement)
+        bfolder = uri_to_path(uri)
+    qpath = _local(quant["quantized_uri"])
+    quantized = measure(qpath, read_texts(corpus), p.evaluation, tasks_dir=tasks, reference=load_reference(bfolder),
+                        keep_model=True, placement=placement)
     quantized.pop("dist")
     qmodel, ids = quantized.pop("model"), quantized.pop("heldout_ids")
     sens = None
     if p.evaluation.sensitivity_layers:
-        bmodel, _ = load_model(_local(prep["checkpoint_uri"]))
+        bmodel, _ = load_model(_local(prep["checkpoint_uri"]), placement)
         sens = sensitivity(bmodel, qmodel, ids, p.evaluation.ppl_window, p.evaluation.sensitivity_layers)
         del bmodel
     del qmodel

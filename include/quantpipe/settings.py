@@ -98,6 +98,31 @@ class EvalSettings(_Frozen):
     sensitivity_layers: int = Field(8, ge=0, le=512, title="Layers probed for loss impact")
 
 
+class EvalEngine(_Frozen):
+    """How this worker runs evaluations: its hardware, not a run's params. From the
+    environment (``QUANTPIPE_EVAL_DEVICE``, ``QUANTPIPE_EVAL_PPL_BATCH``, ...), so a GPU
+    worker image sets them once. ``auto`` uses CUDA in bfloat16 when a GPU is visible and
+    the CPU in float32 otherwise; the baseline is cached per device kind, so baseline and
+    candidate are always measured the same way."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ppl_batch: int = Field(4, ge=1, le=256, description="perplexity windows per forward (GPU)")
+    token_budget: int = Field(32768, ge=256, description="tokens per log-likelihood forward (GPU)")
+    cpu_token_budget: int = Field(2048, ge=64, description="tokens per log-likelihood forward (CPU)")
+    gen_batch: int = Field(256, ge=1, le=4096, description="prompts decoded together")
+    cuda_graph: bool = Field(True, description="replay each decode step as a CUDA graph")
+    overlap: bool = Field(True, description="GPU: generation and lm-eval run beside perplexity")
+
+    @classmethod
+    def from_env(cls) -> "EvalEngine":
+        prefix = "QUANTPIPE_EVAL_"
+        vals = {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
+        try:
+            return cls(**vals)
+        except ValueError as e:
+            raise ValueError(f"bad {prefix}* environment: {e}") from e
+
+
 class Tolerances(_Frozen):
     ppl_increase_pct: float = Field(10.0, ge=0, title="Perplexity tolerance (%)",
                                     description="Largest accepted perplexity increase over the baseline")

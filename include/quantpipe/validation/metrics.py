@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..settings import EvalSettings
+from .engine import Placement, device_of, greedy, overlapped, parts, resolve_placement, window_batches
 
 log = logging.getLogger(__name__)
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")
@@ -26,13 +27,16 @@ def load_prompts(n: int) -> list[str]:
     return prompts[:n]
 
 
-def load_model(path: Path):
-    """Load a checkpoint (plain or compressed-tensors) for CPU evaluation in float32."""
+def load_model(path: Path, placement: Placement | None = None):
+    """Load a checkpoint (plain or compressed-tensors) where this worker evaluates: the GPU
+    in bfloat16, or the CPU in float32 (see ``engine.resolve_placement``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    placement = placement or resolve_placement()
+    if placement.device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     kwargs = {}
     if "quantization_config" in json.loads((path / "config.json").read_text()):
         from transformers import CompressedTensorsConfig
@@ -40,8 +44,8 @@ def load_model(path: Path):
         # dense (decompressed) weights: inspectable per layer, and faster on CPU than
         # dequantizing on every forward; activation quantization (FP8/W8A8) still applies
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
-                                                 use_safetensors=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.torch_dtype, trust_remote_code=False,
+                                                 use_safetensors=True, device_map=placement.device, **kwargs)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tok
@@ -62,16 +66,19 @@ def heldout_token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[int]
 TOPK = 32
 
 
-def perplexity(model, token_ids: list[int], window: int, reference: dict | None = None) -> dict:
+def perplexity(model, token_ids: list[int], window: int, reference: dict | None = None, batch: int = 1) -> dict:
     """Mean next-token NLL over non-overlapping windows -> perplexity, plus at every position
     the model's top-1 prediction and its top-``TOPK`` log-probabilities (``dist``, for use
     as the reference of another model). With ``reference`` (a baseline's ``dist``) it also
     returns the KL divergence KL(baseline || model) per position, computed over the
     baseline's top-k tokens plus one bucket for the rest of the vocabulary (a lower bound
-    of the full KL, tight when the baseline's mass sits in its top-k)."""
+    of the full KL, tight when the baseline's mass sits in its top-k). ``batch`` windows
+    of equal length go through the model together."""
     import torch
 
     t0 = time.perf_counter()
+    dev = device_of(model)
+    body, head = parts(model)
     nll, count, correct = 0.0, 0, 0
     top1: list[int] = []
     topk_ids, topk_logp, kls = [], [], []
@@ -79,34 +86,35 @@ def perplexity(model, token_ids: list[int], window: int, reference: dict | None 
     windows = [w for w in windows if len(w) > 1]
     pos = 0
     with torch.inference_mode():
-        for w in windows:
-            x = torch.tensor([w])
-            logits = model(input_ids=x).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, -1)
-            loss = torch.nn.functional.nll_loss(logp, x[0, 1:], reduction="sum")
-            pred = logits.argmax(-1)
-            correct += int((pred == x[0, 1:]).sum())
-            top1.extend(pred.tolist())
-            v, i = logp.topk(TOPK, -1)
-            topk_ids.append(i.to(torch.int32))
-            topk_logp.append(v)
-            if reference is not None:
+        for group in window_batches(windows, batch):
+            x = torch.tensor(group, device=dev)
+            hidden = body(input_ids=x).last_hidden_state
+            for r in range(x.shape[0]):
+                logp = torch.log_softmax(head(hidden[r, :-1]).float(), -1)
+                tgt = x[r, 1:]
+                nll += float(torch.nn.functional.nll_loss(logp, tgt, reduction="sum"))
+                pred = logp.argmax(-1)
+                correct += int((pred == tgt).sum())
+                top1.extend(pred.tolist())
+                v, i = logp.topk(TOPK, -1)
+                topk_ids.append(i.to(torch.int32).cpu())
+                topk_logp.append(v.cpu())
                 n = logp.shape[0]
-                r_ids = reference["topk_ids"][pos:pos + n].long()
-                r_lp = reference["topk_logp"][pos:pos + n].float()
-                p_k = r_lp.exp()
-                q_k = logp.gather(1, r_ids).exp()
-                p_rest = (1 - p_k.sum(1)).clamp_min(1e-12)
-                q_rest = (1 - q_k.sum(1)).clamp_min(1e-12)
-                kl = (p_k * (r_lp - q_k.clamp_min(1e-30).log())).sum(1) + p_rest * (p_rest.log() - q_rest.log())
-                kls.append(kl.clamp_min(0))
-            pos += logp.shape[0]
-            nll += loss.item()
-            count += len(w) - 1
+                if reference is not None:
+                    r_ids = reference["topk_ids"][pos:pos + n].long().to(dev)
+                    r_lp = reference["topk_logp"][pos:pos + n].float().to(dev)
+                    p_k = r_lp.exp()
+                    q_k = logp.gather(1, r_ids).exp()
+                    p_rest = (1 - p_k.sum(1)).clamp_min(1e-12)
+                    q_rest = (1 - q_k.sum(1)).clamp_min(1e-12)
+                    kl = (p_k * (r_lp - q_k.clamp_min(1e-30).log())).sum(1) + p_rest * (p_rest.log() - q_rest.log())
+                    kls.append(kl.clamp_min(0).cpu())
+                pos += n
+                count += n
     secs = time.perf_counter() - t0
     ppl = math.exp(nll / count)
-    log.info("perplexity %.3f over %d tokens (%d windows) in %.1f s (%.0f tokens/s)",
-             ppl, count, len(windows), secs, count / secs)
+    log.info("perplexity %.3f over %d tokens (%d windows, %d per forward) in %.1f s (%.0f tokens/s)",
+             ppl, count, len(windows), batch, secs, count / secs)
     out = {"perplexity": ppl, "nll": nll / count, "tokens": count, "seconds": round(secs, 2),
            "next_token_accuracy": correct / count, "top1": top1,
            "dist": {"topk_ids": torch.cat(topk_ids), "topk_logp": torch.cat(topk_logp).half()}}
@@ -132,42 +140,74 @@ def top1_agreement(baseline_top1: list[int], candidate_top1: list[int]) -> float
     return sum(a == b for a, b in zip(baseline_top1, candidate_top1)) / len(baseline_top1)
 
 
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    import torch
-
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                    placement: Placement | None = None) -> list[dict]:
+    """Greedy continuations of the prompts, decoded together (``engine.greedy``); each stops
+    after its first EOS, as ``generate`` would."""
+    placement = placement or resolve_placement()
     t0 = time.perf_counter()
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            enc = tokenizer(p, return_tensors="pt")
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.eos_token_id)
-            new = gen[0, enc["input_ids"].shape[1]:].tolist()
-            out.append({"prompt": p, "token_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True)})
+    enc = [tokenizer(p)["input_ids"] for p in prompts]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    new_ids: list[list[int]] = []
+    for i in range(0, len(enc), placement.gen_batch):
+        new_ids += greedy(model, enc[i:i + placement.gen_batch], max_new_tokens, pad,
+                          cuda_graph=placement.cuda_graph, stop_ids=[eos] if eos is not None else [])
+    out = [{"prompt": p, "token_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)}
+           for p, ids in zip(prompts, new_ids)]
     log.info("greedy generation: %d prompts x %d tokens in %.1f s", len(prompts), max_new_tokens,
              time.perf_counter() - t0)
     return out
 
 
 def measure(path: Path, heldout_texts: list[str], s: EvalSettings, tasks_dir: Path | None = None,
-            reference: dict | None = None, keep_model: bool = False) -> dict:
+            reference: dict | None = None, keep_model: bool = False,
+            placement: Placement | None = None) -> dict:
     """Everything validation compares: perplexity (+KL against ``reference``), greedy outputs
     and task accuracy. One model load. ``dist`` (tensors) is returned for the caller to store."""
+    placement = placement or resolve_placement()
     t0 = time.perf_counter()
-    model, tok = load_model(path)
-    t_load = time.perf_counter() - t0
+    model, tok = load_model(path, placement)
+    out = measure_loaded(model, tok, heldout_texts, s, tasks_dir, reference, placement)
+    out["load_seconds"] = round(time.perf_counter() - t0 - out["measure_seconds"], 2)
+    if keep_model:
+        out["model"] = model
+    return out
+
+
+def measure_loaded(model, tok, heldout_texts: list[str], s: EvalSettings, tasks_dir: Path | None,
+                   reference: dict | None, placement: Placement) -> dict:
+    """``measure`` on a model already in memory (the GPU benchmark builds one there). On a
+    GPU, task accuracy runs beside perplexity and greedy generation (``engine.overlapped``);
+    the figures are those of running them one after another."""
+    t0 = time.perf_counter()
     ids = heldout_token_ids(tok, heldout_texts, s.ppl_max_tokens)
-    ppl = perplexity(model, ids, s.ppl_window, reference)
-    dist = ppl.pop("dist")
-    gens = greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens)
-    out = {"perplexity": ppl, "generations": gens, "load_seconds": round(t_load, 2),
-           "settings": s.model_dump(), "dist": dist}
-    if tasks_dir is not None and s.task_limit > 0 and s.tasks:
+    want_tasks = tasks_dir is not None and s.task_limit > 0 and bool(s.tasks)
+
+    def generations():
+        return greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens, placement)
+
+    def tasks():
+        if not want_tasks:
+            return None
         from .accuracy import task_accuracy
 
-        out["accuracy"] = task_accuracy(model, tok, tasks_dir, list(s.tasks), s.task_limit)
-    if keep_model:
-        out["model"], out["heldout_ids"] = model, ids
+        return task_accuracy(model, tok, tasks_dir, list(s.tasks), s.task_limit, placement=placement)
+
+    def ppl_then_generations():
+        return perplexity(model, ids, s.ppl_window, reference, batch=placement.ppl_batch), generations()
+
+    if placement.overlap and placement.device == "cuda":
+        # lm-eval (the longest, and partly CPU-bound) beside perplexity then generation
+        (ppl, gens), acc = overlapped(ppl_then_generations, tasks)
+    else:
+        (ppl, gens), acc = ppl_then_generations(), tasks()
+    dist = ppl.pop("dist")
+    out = {"perplexity": ppl, "generations": gens, "settings": s.model_dump(), "engine": placement.kind,
+           "dist": dist, "heldout_ids": ids}
+    if acc is not None:
+        out["accuracy"] = acc
+    out["measure_seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
 

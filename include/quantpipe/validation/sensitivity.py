@@ -18,12 +18,13 @@ def _nll(model, ids: list[int], window: int) -> float:
     import torch
 
     total, n = 0.0, 0
+    dev = next(model.parameters()).device
     with torch.inference_mode():
         for i in range(0, len(ids), window):
             w = ids[i:i + window]
             if len(w) < 2:
                 continue
-            x = torch.tensor([w])
+            x = torch.tensor([w], device=dev)
             logits = model(input_ids=x).logits[0, :-1].float()
             total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             n += len(w) - 1

@@ -1,0 +1,123 @@
+"""The batched evaluation engine gives the figures of the one-request-at-a-time path."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_window_batches_keep_order_and_equal_lengths():
+    from quantpipe.validation.engine import window_batches
+
+    ws = [[1] * 4, [2] * 4, [3] * 4, [4] * 4, [5] * 4, [6] * 2]
+    groups = list(window_batches(ws, 2))
+    assert [len(g) for g in groups] == [2, 2, 1, 1]
+    assert [w for g in groups for w in g] == ws
+    assert all(len({len(w) for w in g}) == 1 for g in groups)
+
+
+def test_batched_perplexity_matches_one_window_at_a_time(tiny):
+    from quantpipe.validation.metrics import perplexity
+
+    ids = _ids(7 * 32 + 9, 1)  # 7 full windows and a short last one
+    one = perplexity(tiny, ids, 32)
+    many = perplexity(tiny, ids, 32, batch=4)
+    assert one["tokens"] == many["tokens"] == len(ids) - 8
+    assert many["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+    assert many["top1"] == one["top1"]
+    assert torch.allclose(many["dist"]["topk_logp"].float(), one["dist"]["topk_logp"].float(), atol=1e-2)
+    ref = perplexity(tiny, ids, 32, reference=one["dist"], batch=3)
+    assert ref["kl"]["mean"] < 1e-3
+
+
+def _naive_loglik(model, ctx, cont):
+    ids = torch.tensor([ctx + cont])
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    rows = lp[len(ctx) - 1:-1]
+    tgt = torch.tensor(cont)
+    return float(rows.gather(1, tgt[:, None]).sum()), bool((rows.argmax(-1) == tgt).all())
+
+
+def test_batched_loglikelihoods_match_single_requests(tiny):
+    from quantpipe.validation.engine import loglikelihoods
+
+    reqs = [(_ids(5 + 7 * i % 40, i), _ids(1 + i % 5, 100 + i)) for i in range(23)]
+    # a continuation that is the model's own greedy choice must be reported as greedy
+    ctx = _ids(12, 999)
+    with torch.inference_mode():
+        nxt = int(tiny(input_ids=torch.tensor([ctx])).logits[0, -1].argmax())
+    reqs.append((ctx, [nxt]))
+    got = loglikelihoods(tiny, reqs, token_budget=120)  # several batches of mixed widths
+    for (c, k), (lp, greedy) in zip(reqs, got):
+        want_lp, want_greedy = _naive_loglik(tiny, c, k)
+        assert lp == pytest.approx(want_lp, abs=1e-4)
+        assert greedy == want_greedy
+    assert got[-1][1] is True
+
+
+def test_batched_greedy_matches_generate_and_stops_at_eos(tiny):
+    from quantpipe.validation.engine import greedy
+
+    prompts = [_ids(n, 50 + n) for n in (3, 9, 17, 5)]
+    want = []
+    with torch.inference_mode():
+        for p in prompts:
+            x = torch.tensor([p])
+            out = tiny.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                max_new_tokens=10, min_new_tokens=10, pad_token_id=0)
+            want.append(out[0, len(p):].tolist())
+    assert greedy(tiny, prompts, 10, pad_id=0) == want
+    stop = want[1][3]  # the fourth token of row 1: that row must end right after it
+    cut = greedy(tiny, prompts, 10, pad_id=0, stop_ids=[stop])
+    assert cut[1] == want[1][:want[1].index(stop) + 1]
+    for row, full in zip(cut, want):
+        assert row == full[:full.index(stop) + 1] if stop in full else row == full
+
+
+def test_placement_cpu_defaults_and_bad_environment(monkeypatch):
+    from quantpipe.settings import EvalEngine
+    from quantpipe.validation.engine import resolve_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = resolve_placement(EvalEngine())
+    assert (p.device, p.dtype, p.ppl_batch, p.cuda_graph) == ("cpu", "float32", 1, False)
+    assert p.kind == "cpu-float32"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_placement(EvalEngine(device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    g = resolve_placement(EvalEngine(ppl_batch=8))
+    assert (g.device, g.dtype, g.ppl_batch, g.kind) == ("cuda", "bfloat16", 8, "cuda-bfloat16")
+    monkeypatch.setenv("QUANTPIPE_EVAL_PPL_BATCH", "0")
+    with pytest.raises(ValueError, match="QUANTPIPE_EVAL_"):
+        EvalEngine.from_env()
+    monkeypatch.setenv("QUANTPIPE_EVAL_PPL_BATCH", "2")
+    monkeypatch.setenv("QUANTPIPE_EVAL_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="device"):
+        EvalEngine.from_env()
+
+
+def test_baseline_key_separates_device_kinds(tmp_path):
+    from quantpipe.prep.baseline import baseline_key
+    from quantpipe.settings import EvalSettings
+
+    heldout = tmp_path / "h.jsonl"
+    heldout.write_text('{"text": "x"}\n')
+    cpu = baseline_key("abc", heldout, EvalSettings(), None)
+    assert baseline_key("abc", heldout, EvalSettings(), None, "cpu-float32") == cpu
+    assert baseline_key("abc", heldout, EvalSettings(), None, "cuda-bfloat16") != cpu
