@@ -4,14 +4,16 @@
 Takes a BF16/FP16 Hugging Face checkpoint to a validated, compressed-tensors
 quantized checkpoint that vLLM serves as it is.
 
-1. **prep_checkpoint**: verify config and safetensors checksums, count parameters,
-   baseline perplexity and greedy outputs (cached by checkpoint hash).
+1. **prep_checkpoint** (queue `gpu-a100`): verify config and safetensors checksums, count
+   parameters, baseline perplexity, greedy outputs and task accuracy (cached by checkpoint
+   hash and device kind).
 2. **build_calibration**: seeded sample of the corpus (or your JSONL), tokenized and
    validated (length, vocabulary range, diversity).
 3. **quantize** (queue `gpu-a100`) or **quantize_fp8** (queue `gpu-h100`): llm-compressor
    `oneshot` with GPTQ, AWQ, FP8-dynamic or SmoothQuant+GPTQ W8A8; `lm_head` stays BF16.
-4. **validate**: perplexity delta and greedy consistency against the baseline; one
-   report (JSON + HTML). **gate** stops the run when a check fails.
+4. **validate** (queue `gpu-a100`): perplexity, KL, task accuracy and greedy consistency
+   against the baseline, measured the same way (bf16 on a GPU worker, float32 on a CPU);
+   one report (JSON + HTML). **gate** stops the run when a check fails.
 5. **publish_approved** (queue `serving`): records the approved model's URI.
 6. **deploy** (queue `serving`): pre-flight, vLLM launched beside the live model, health
    check with real completions, switch of the stable endpoint `http://127.0.0.1:8000/v1`
@@ -81,7 +83,8 @@ def llm_quantization():
 
         return run(dict(get_current_context()["params"]))
 
-    @task(task_display_name="1. Checkpoint prep", execution_timeout=timedelta(hours=2))
+    # model evaluations (baseline, validation) run where the GPUs are
+    @task(queue=QUEUE_QUANTIZE, task_display_name="1. Checkpoint prep", execution_timeout=timedelta(hours=2))
     def prep_checkpoint(settings: dict) -> dict:
         from quantpipe.pipeline import prep_checkpoint as run
         _use_store()
@@ -113,7 +116,7 @@ def llm_quantization():
 
         return run_quantization(settings, prep, calib)
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, task_display_name="4. Validate",
+    @task(queue=QUEUE_QUANTIZE, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, task_display_name="4. Validate",
           execution_timeout=timedelta(hours=6))
     def validate(settings: dict, prep: dict) -> dict:
         from quantpipe.pipeline import run_validation

@@ -30,7 +30,9 @@ def test_queues(dag):
     assert queues["quantize_fp8"] == "gpu-h100"
     assert queues["publish_approved"] == "serving"
     assert queues["deploy"] == "serving"
-    assert queues["prep_checkpoint"] == "default"
+    # evaluations run on the GPU queue (baseline and candidate measured the same way)
+    assert queues["prep_checkpoint"] == queues["validate"] == queues["remediate_1"] == "gpu-a100"
+    assert queues["validate_params"] == queues["build_calibration"] == "default"
 
 
 def test_retries_with_backoff(dag):

@@ -19,6 +19,8 @@ FIELDS: dict[str, tuple[type, str]] = {
     "method": (QuantSettings, "method"),
     "bits": (QuantSettings, "bits"),
     "group_size": (QuantSettings, "group_size"),
+    "symmetric": (QuantSettings, "symmetric"),
+    "observer": (QuantSettings, "observer"),
     "calibration_samples": (CalibrationSettings, "num_samples"),
     "max_seq_length": (CalibrationSettings, "max_seq_length"),
     "calibration_dataset": (CalibrationSettings, "dataset_path"),
@@ -40,7 +42,8 @@ FIELDS: dict[str, tuple[type, str]] = {
     **{name: (DeploySettings, name) for name in DEPLOY_FORM_FIELDS},
 }
 SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization", "bits": "Quantization",
-            "group_size": "Quantization", "calibration_samples": "Calibration", "max_seq_length": "Calibration",
+            "group_size": "Quantization", "symmetric": "Quantization", "observer": "Quantization",
+            "calibration_samples": "Calibration", "max_seq_length": "Calibration",
             "calibration_dataset": "Calibration", "seed": "Calibration", "ppl_max_tokens": "Evaluation",
             "num_prompts": "Evaluation", "max_new_tokens": "Evaluation", "ppl_increase_pct": "Gate tolerances",
             "accuracy_drop_pct": "Gate tolerances", "min_top1_agreement": "Gate tolerances",
@@ -52,6 +55,7 @@ EXTRA = {
     "method": {"enum": list(METHODS)},
     "bits": {"enum": [4, 8]},
     "group_size": {"enum": list(GROUP_SIZES)},
+    "observer": {"enum": ["minmax", "mse"]},
     "run_name": {"pattern": _SAFE_NAME.pattern},
 }
 

@@ -37,6 +37,13 @@ class QuantSettings(_Frozen):
     group_size: int = Field(64, title="Group size",
                             description="Weights per quantization group (gptq/awq). Must divide every "
                                         "quantized layer's input width; checked against the checkpoint.")
+    symmetric: bool = Field(False, title="Symmetric 4-bit weights (gptq)",
+                            description="Off (default): 4-bit GPTQ weights get a zero point per group "
+                                        "(W4A16_ASYM), which keeps skewed groups accurate; on: W4A16")
+    observer: Literal["minmax", "mse"] = Field("mse", title="Weight scale search (gptq)",
+                                               description="mse (default): each group's scale and zero "
+                                                           "point minimize the rounding error; minmax: "
+                                                           "span the group's range")
     ignore: tuple[str, ...] = Field(("lm_head",), title="Modules kept unquantized")
     dampening_frac: float = Field(0.01, gt=0, lt=1, title="GPTQ dampening fraction")
     smoothing_strength: float = Field(0.8, gt=0, lt=1, title="SmoothQuant strength (w8a8)")
@@ -53,6 +60,8 @@ class QuantSettings(_Frozen):
 
     @property
     def scheme(self) -> str:
+        if (self.method, self.bits) == ("gptq", 4) and not self.symmetric:
+            return "W4A16_ASYM"
         return {("gptq", 4): "W4A16", ("gptq", 8): "W8A16", ("awq", 4): "W4A16_ASYM",
                 ("fp8", 8): "FP8_DYNAMIC", ("w8a8", 8): "W8A8"}[(self.method, self.bits)]
 
@@ -204,7 +213,7 @@ class PipelineParams(_Frozen):
             return {k: f[k] for k in keys if k in f and f[k] is not None and f[k] != ""}
         return cls(
             **pick(("model_uri", "run_name")),
-            quant=QuantSettings(**pick(("method", "bits", "group_size"))),
+            quant=QuantSettings(**pick(("method", "bits", "group_size", "symmetric", "observer"))),
             calibration=CalibrationSettings(**{
                 **({"num_samples": f["calibration_samples"]} if f.get("calibration_samples") else {}),
                 **({"max_seq_length": f["max_seq_length"]} if f.get("max_seq_length") else {}),

@@ -84,14 +84,14 @@ def test_gptq_run_reports_real_figures_and_reuses_the_baseline(dag, artifact_roo
     assert states["quantize"] == "success" and states["quantize_fp8"] == "skipped"
     rep = _report(artifact_root, dr.run_id)
     checks = {c["name"]: c for c in rep["checks"]}
-    assert rep["quantization"]["scheme"] == "W4A16"
+    assert rep["quantization"]["scheme"] == "W4A16_ASYM"  # the default 4-bit GPTQ recipe
     # 4-bit weights move perplexity more than FP8 does, but stay in a sane range
     assert 0 < checks["perplexity"]["delta"] < 100
     assert 0.5 < checks["top1_agreement"]["quantized"] < 1.0
     assert rep["quantization"]["size_bytes"] < rep["model"]["size_bytes"]
     cfg = json.loads((uri_to_path(rep["quantization"]["quantized_uri"]) / "config.json").read_text())
     w = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
-    assert (w["num_bits"], w["group_size"]) == (4, 64)
+    assert (w["num_bits"], w["group_size"], w["symmetric"], w["observer"]) == (4, 64, False, "mse")
     assert "lm_head" in cfg["quantization_config"]["ignore"]
     # baseline metrics are cached by checkpoint hash: the strict run below reuses this one's
     baselines = [b for b in (artifact_root / "baselines").iterdir() if not b.name.startswith(".")]

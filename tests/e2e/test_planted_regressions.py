@@ -105,6 +105,8 @@ def test_planted_regression_fails_the_right_check(name, prep, model_dir, tmp_pat
 SOUND = {
     "fp8": {"method": "fp8", "bits": 8},
     "w8a8": {"method": "w8a8", "bits": 8, "calibration_samples": 16, "max_seq_length": 128},
+    # the default 4-bit GPTQ recipe (zero points, MSE scale search) at group 32
+    "gptq_w4a16": {"method": "gptq", "bits": 4, "group_size": 32, "calibration_samples": 32, "max_seq_length": 256},
 }
 
 

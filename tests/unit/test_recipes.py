@@ -12,9 +12,17 @@ def test_gptq_recipe_uses_the_group_size_and_keeps_lm_head():
     (m,) = build_recipe(QuantSettings(method="gptq", bits=4, group_size=96))
     assert type(m).__name__ == "GPTQModifier"
     scheme = m.config_groups["group_0"]
-    assert scheme.weights.num_bits == 4 and scheme.weights.group_size == 96 and scheme.weights.symmetric
+    w = scheme.weights
+    # the default 4-bit GPTQ recipe: zero point per group, MSE scale search
+    assert (w.num_bits, w.group_size, w.symmetric, w.observer) == (4, 96, False, "mse")
     assert scheme.input_activations is None
     assert m.ignore == ["lm_head"]
+
+
+def test_gptq_symmetric_minmax_on_request():
+    (m,) = build_recipe(QuantSettings(method="gptq", bits=4, symmetric=True, observer="minmax"))
+    w = m.config_groups["group_0"].weights
+    assert (w.symmetric, w.observer) == (True, "minmax")
 
 
 def test_awq_is_asymmetric_4bit_with_a_quantization_modifier():

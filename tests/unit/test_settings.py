@@ -7,11 +7,19 @@ from quantpipe.quantization.recipes import check_group_size
 from quantpipe.settings import PipelineParams, QuantSettings
 
 
-@pytest.mark.parametrize("method,bits,scheme", [("gptq", 4, "W4A16"), ("gptq", 8, "W8A16"),
+@pytest.mark.parametrize("method,bits,scheme", [("gptq", 4, "W4A16_ASYM"), ("gptq", 8, "W8A16"),
                                                 ("awq", 4, "W4A16_ASYM"), ("fp8", 8, "FP8_DYNAMIC"),
                                                 ("w8a8", 8, "W8A8")])
 def test_schemes(method, bits, scheme):
     assert QuantSettings(method=method, bits=bits).scheme == scheme
+
+
+def test_symmetric_gptq_and_form_fields():
+    assert QuantSettings(method="gptq", bits=4, symmetric=True).scheme == "W4A16"
+    p = validate_params({"method": "gptq", "bits": 4, "symmetric": True, "observer": "minmax"})
+    assert (p["quant"]["symmetric"], p["quant"]["observer"]) == (True, "minmax")
+    with pytest.raises(PipelineError, match="observer"):
+        validate_params({"method": "gptq", "bits": 4, "observer": "percentile"})
 
 
 @pytest.mark.parametrize("method,bits", [("fp8", 4), ("awq", 8), ("w8a8", 4), ("gptq", 3)])

@@ -25,6 +25,8 @@ def _scheme(s: QuantSettings):
     scheme = preset_name_to_scheme(s.scheme, ["Linear"])
     if s.uses_groups:
         scheme.weights.group_size = s.group_size
+    if s.method == "gptq":
+        scheme.weights.observer = s.observer
     return scheme
 
 
