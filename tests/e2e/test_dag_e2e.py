@@ -77,6 +77,14 @@ def test_fp8_run_passes_the_gate_and_publishes(dag, artifact_root):
     assert prov["versions"]["llmcompressor"].startswith("0.14") and prov["timings"]["total_s"] > 0
 
 
+def _baselines(artifact_root: Path) -> list[Path]:
+    """Baselines measured with this module's evaluation settings (other test modules share
+    the session's store)."""
+    root = artifact_root / "baselines"
+    return [b for b in root.iterdir() if not b.name.startswith(".") and
+            json.loads((b / "baseline.json").read_text())["settings"]["ppl_max_tokens"] == FAST["ppl_max_tokens"]]
+
+
 def test_gptq_run_reports_real_figures_and_reuses_the_baseline(dag, artifact_root):
     dr, states, _ = run(dag, {**FAST, "method": "gptq", "bits": 4, "group_size": 64, "run_name": "e2e-gptq",
                               "ppl_increase_pct": 100, "accuracy_drop_pct": 20, "min_top1_agreement": 0.5})
@@ -94,8 +102,7 @@ def test_gptq_run_reports_real_figures_and_reuses_the_baseline(dag, artifact_roo
     assert (w["num_bits"], w["group_size"], w["symmetric"], w["observer"]) == (4, 64, False, "mse")
     assert "lm_head" in cfg["quantization_config"]["ignore"]
     # baseline metrics are cached by checkpoint hash: the strict run below reuses this one's
-    baselines = [b for b in (artifact_root / "baselines").iterdir() if not b.name.startswith(".")]
-    assert len(baselines) == 2  # one per evaluation setting (task_limit 4 in the fp8 run, 0 here)
+    assert len(_baselines(artifact_root)) == 2  # one per evaluation setting (task_limit 4 in the fp8 run, 0 here)
 
 
 def test_impossible_tolerance_closes_the_gate(dag, artifact_root):
@@ -107,8 +114,7 @@ def test_impossible_tolerance_closes_the_gate(dag, artifact_root):
     assert not (artifact_root / "approved" / "e2e-strict.json").exists()
     rep = _report(artifact_root, dr.run_id)
     assert not rep["passed"] and "top1_agreement" in rep["failed_checks"]
-    baselines = [b for b in (artifact_root / "baselines").iterdir() if not b.name.startswith(".")]
-    assert len(baselines) == 2  # reused the gptq run's baseline: nothing recomputed
+    assert len(_baselines(artifact_root)) == 2  # reused the gptq run's baseline: nothing recomputed
 
 
 def test_bad_params_stop_at_validation(dag):
