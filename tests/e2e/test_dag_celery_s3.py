@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 CONF = {"method": "fp8", "bits": 8, "run_name": "celery-s3", "ppl_max_tokens": 1024, "num_prompts": 2,
         "max_new_tokens": 8, "task_limit": 0, "sensitivity_layers": 1, "remediation": False, "deploy": False}
-EXPECTED_QUEUE = {"validate_params": "default", "prep_checkpoint": "default", "build_calibration": "default",
-                  "route": "default", "quantize_fp8": "gpu-h100", "validate": "default",
+EXPECTED_QUEUE = {"validate_params": "default", "prep_checkpoint": "gpu-a100", "build_calibration": "default",
+                  "route": "default", "quantize_fp8": "gpu-h100", "validate": "gpu-a100",
                   "publish_approved": "serving"}
 
 
