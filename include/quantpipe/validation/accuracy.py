@@ -24,11 +24,69 @@ log = logging.getLogger(__name__)
 METRIC = {"mc": "acc,none", "gen": "exact_match,number"}
 
 
+def _prefetch_encodings(lm, requests) -> dict[str, list[int]]:
+    """Every string ``TemplateLM._encode_pair`` will encode for these log-likelihood requests,
+    tokenized in a few batched calls (the fast tokenizer's batch path) instead of two
+    ``encode`` calls per request. Same special-token rule as ``HFLM.tok_encode``."""
+    from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+
+    strings = set()
+    for req in requests:
+        ctx, cont = req.args
+        if not ctx:
+            continue  # lm-eval encodes an empty context's continuation its own way
+        n = len(ctx) - len(ctx.rstrip())
+        if n:
+            ctx, cont = ctx[:-n], ctx[-n:] + cont
+        strings.update((ctx, ctx + cont))
+    bos = lm.tokenizer.decode(lm.prefix_token_id)
+    groups: dict[tuple, list[str]] = {}
+    for text in strings:
+        kw = _add_special_kwargs(None, lm.add_bos_token)
+        if has_bos_prefix(text, bos):
+            kw["add_special_tokens"] = False
+        groups.setdefault(tuple(sorted(kw.items())), []).append(text)
+    out: dict[str, list[int]] = {}
+    for kw, texts in groups.items():
+        out.update(zip(texts, lm.tokenizer(texts, **dict(kw))["input_ids"]))
+    return out
+
+
 def batched_lm(model, tokenizer, placement: Placement, max_length: int = 1024):
     """lm-eval's HF backend with the engine's batched forwards (same requests, same scores)."""
+    return _batched_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=placement.gen_batch,
+                                 max_length=max_length, device=placement.device, placement=placement)
+
+
+_CLASS: list = []
+
+
+def _batched_hflm_class():
+    """``BatchedHFLM``, defined once lm-eval is imported (it is an optional dependency)."""
+    if _CLASS:
+        return _CLASS[0]
     from lm_eval.models.huggingface import HFLM
 
     class BatchedHFLM(HFLM):
+        def __init__(self, *args, placement: Placement, **kw):
+            self.placement = placement
+            self._encoded: dict[str, list[int]] = {}
+            super().__init__(*args, **kw)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self._encoded = _prefetch_encodings(self, requests)
+            try:
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._encoded = {}
+
+        def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kw):
+            hit = None if (add_special_tokens is not None or left_truncate_len or kw) else self._encoded.get(string)
+            if hit is not None:
+                return list(hit)
+            return super().tok_encode(string, add_special_tokens=add_special_tokens,
+                                      left_truncate_len=left_truncate_len, **kw)
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             pairs = []
             for _, ctx, cont in requests:
@@ -36,7 +94,7 @@ def batched_lm(model, tokenizer, placement: Placement, max_length: int = 1024):
                     raise ValueError("lm-eval request with an empty context or continuation")
                 seq = (list(ctx) + list(cont))[-(self.max_length + 1):]  # HFLM's left truncation
                 pairs.append((seq[:len(seq) - len(cont)], seq[len(seq) - len(cont):]))
-            out = loglikelihoods(self.model, pairs, placement.token_budget)
+            out = loglikelihoods(self.model, pairs, self.placement.token_budget, pack=self.placement.pack_width)
             for (key, _, _), answer in zip(requests, out):
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -52,7 +110,7 @@ def batched_lm(model, tokenizer, placement: Placement, max_length: int = 1024):
             rows = context.tolist() if mask is None else \
                 [[t for t, m in zip(r, mr) if m] for r, mr in zip(context.tolist(), mask.tolist())]
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-            new = greedy(self.model, rows, max_length - context.shape[1], pad, cuda_graph=placement.cuda_graph,
+            new = greedy(self.model, rows, max_length - context.shape[1], pad, cuda_graph=self.placement.cuda_graph,
                          stop_ids=[self.eot_token_id])
             width = max(len(n) for n in new)
             tail = torch.full((len(new), width), pad, dtype=torch.long)
@@ -60,14 +118,18 @@ def batched_lm(model, tokenizer, placement: Placement, max_length: int = 1024):
                 tail[r, :len(n)] = torch.tensor(n, dtype=torch.long)
             return torch.cat([context.cpu(), tail], 1)
 
-    return BatchedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=placement.gen_batch,
-                       max_length=max_length, device=placement.device)
+    _CLASS.append(BatchedHFLM)
+    return BatchedHFLM
 
 
 def task_accuracy(model, tokenizer, tasks_dir: Path, names: list[str], limit: int, seed: int = 1234,
                   placement: Placement | None = None) -> dict:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from lm_eval import simple_evaluate
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
 
     unknown = sorted(set(names) - set(TASKS))
@@ -75,10 +137,15 @@ def task_accuracy(model, tokenizer, tasks_dir: Path, names: list[str], limit: in
         raise ValueError(f"unknown task sets {unknown}; known: {sorted(TASKS)}")
     t0 = time.perf_counter()
     lm = batched_lm(model, tokenizer, placement or resolve_placement())
-    out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-                          limit=limit, num_fewshot=0, random_seed=seed, numpy_random_seed=seed,
-                          torch_random_seed=seed, fewshot_random_seed=seed, log_samples=True,
-                          bootstrap_iters=0)
+    # what ``simple_evaluate`` does for a ready model, without its environment report
+    # (``pip list`` and friends in subprocesses, ~0.5 s a call)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    loaded = TaskManager(include_path=str(tasks_dir), include_defaults=False).load(names)
+    for task in loaded["tasks"].values():
+        task.set_fewshot_seed(seed=seed)
+    out = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
     scores = {}
     for name in names:
         kind, category = TASKS[name][1], TASKS[name][2]

@@ -4,9 +4,10 @@ Three kinds of work, each batched so that a GPU spends its time in large matmuls
 
 * ``window_batches``: perplexity windows of equal length, ``ppl_batch`` per forward.
 * ``loglikelihoods``: many short (context, continuation) requests (multiple choice,
-  few-shot). Sorted by length, right-padded into batches under a token budget, no attention
-  mask (causal attention never looks at the padding after a row's end), and the output
-  projection only at the continuation positions.
+  few-shot). Packed several to a row (first-fit by decreasing length; a block-diagonal
+  causal mask and positions restarting at each request keep them apart), rows batched under
+  a token budget, and the output projection only at the continuation positions. Without
+  packing: sorted by length and right-padded, no mask.
 * ``greedy``: greedy decoding of all prompts at once, left-padded, with a static KV cache
   and a 4-D mask built on the device; on CUDA one decode step is captured as a CUDA graph
   and replayed (no Python or launch cost per step). Falls back to eager steps if capture
@@ -38,6 +39,7 @@ class Placement:
     gen_batch: int
     cuda_graph: bool
     overlap: bool = False
+    pack_width: int = 0
 
     @property
     def kind(self) -> str:
@@ -62,8 +64,9 @@ def resolve_placement(e: EvalEngine | None = None) -> Placement:
         raise RuntimeError("QUANTPIPE_EVAL_DEVICE=cuda but no CUDA device is visible on this worker")
     on_gpu = e.device == "cuda" or (e.device == "auto" and cuda)
     if on_gpu:
-        return Placement("cuda", "bfloat16", e.ppl_batch, e.token_budget, e.gen_batch, e.cuda_graph, e.overlap)
-    return Placement("cpu", "float32", 1, e.cpu_token_budget, e.gen_batch, False)
+        return Placement("cuda", "bfloat16", e.ppl_batch, e.token_budget, e.gen_batch, e.cuda_graph, e.overlap,
+                         e.pack_width)
+    return Placement("cpu", "float32", 1, e.cpu_token_budget, e.gen_batch, False, pack_width=e.pack_width)
 
 
 def overlapped(main, side):
@@ -119,43 +122,94 @@ def window_batches(windows: Sequence[Sequence[int]], batch: int) -> Iterator[lis
         yield group
 
 
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Indices grouped into rows of at most ``width`` positions: first fit, longest first
+    (a request longer than ``width`` gets a row of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[int] = []
+    open_rows: list[int] = []  # rows that can still take the shortest request
+    shortest = lengths[order[-1]] if order else 0
+    for i in order:
+        n = lengths[i]
+        for r in open_rows:
+            if free[r] >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(width - n)
+            open_rows.append(len(rows) - 1)
+        if len(open_rows) > 64:
+            open_rows = [r for r in open_rows if free[r] >= shortest]
+    return rows
+
+
 def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                   token_budget: int) -> list[tuple[float, bool]]:
+                   token_budget: int, pack: int = 0) -> list[tuple[float, bool]]:
     """Sum of log p(continuation | context) and whether the continuation is the greedy one,
-    for each (context ids, continuation ids); both non-empty, the caller truncates."""
+    for each (context ids, continuation ids); both non-empty, the caller truncates.
+    ``pack`` > 0: requests share rows of ``max(pack, longest)`` positions."""
     import torch
 
     dev = device_of(model)
     body, head = parts(model)
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    lengths = [len(c) + len(k) - 1 for c, k in requests]
     res: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    if not requests:
+        return res
+    if pack:
+        width = max(pack, max(lengths))
+        rows = pack_rows(lengths, width)
+    else:
+        width = 0
+        rows = [[i] for i in sorted(range(len(requests)), key=lambda i: -lengths[i])]
     i = 0
     with torch.inference_mode():
-        while i < len(order):
-            width = len(requests[order[i]][0]) + len(requests[order[i]][1]) - 1
-            chunk = order[i:i + max(1, token_budget // max(width, 1))]
+        while i < len(rows):
+            w = width or lengths[rows[i][0]]
+            chunk = rows[i:i + max(1, token_budget // max(w, 1))]
             i += len(chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            rows, cols, tgt = [], [], []
-            for r, k in enumerate(chunk):
-                ctx, cont = requests[k]
-                seq = (list(ctx) + list(cont))[:-1]
-                ids[r, :len(seq)] = torch.tensor(seq)
-                start = len(ctx) - 1
-                rows.extend([r] * len(cont))
-                cols.extend(range(start, start + len(cont)))
-                tgt.extend(cont)
-            h = body(input_ids=ids.to(dev)).last_hidden_state
-            rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+            ids = torch.zeros((len(chunk), w), dtype=torch.long)
+            seg = torch.full((len(chunk), w), -1, dtype=torch.long)
+            pos = torch.zeros((len(chunk), w), dtype=torch.long)
+            keys, rows_i, cols, tgt, who = [], [], [], [], []
+            for r, row in enumerate(chunk):
+                off = 0
+                for j, k in enumerate(row):
+                    ctx, cont = requests[k]
+                    n = lengths[k]
+                    ids[r, off:off + n] = torch.tensor((list(ctx) + list(cont))[:-1])
+                    seg[r, off:off + n] = j
+                    pos[r, off:off + n] = torch.arange(n)
+                    start = off + len(ctx) - 1
+                    rows_i.extend([r] * len(cont))
+                    cols.extend(range(start, start + len(cont)))
+                    tgt.extend(cont)
+                    who.extend([len(keys)] * len(cont))
+                    keys.append(k)
+                    off += n
+            if width:
+                # a request attends to its own earlier positions only; the padding after the
+                # last request of a row attends to earlier padding (never read, never NaN)
+                seg, pos = seg.to(dev), pos.to(dev)
+                ar = torch.arange(w, device=dev)
+                mask = (seg[:, None, :, None] == seg[:, None, None, :]) & (ar[None, None, None, :] <= ar[None, None, :, None])
+                h = body(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos).last_hidden_state
+            else:
+                h = body(input_ids=ids.to(dev)).last_hidden_state
+            rows_t, cols_t = torch.tensor(rows_i, device=dev), torch.tensor(cols, device=dev)
             logits = head(h[rows_t, cols_t])
             tgt_t = torch.tensor(tgt, device=dev)
+            who_t = torch.tensor(who, device=dev)
             # log p(target) = logit - logsumexp, in float32, without materializing a
             # float32 copy of the whole [tokens, vocab] block twice (log_softmax + gather)
             tok_lp = logits.gather(1, tgt_t[:, None])[:, 0].float() - torch.logsumexp(logits.float(), -1)
             greedy_ok = (logits.argmax(-1) == tgt_t).float()
-            sums = torch.zeros(len(chunk), device=dev, dtype=torch.float64).index_add_(0, rows_t, tok_lp.double())
-            misses = torch.zeros(len(chunk), device=dev).index_add_(0, rows_t, 1 - greedy_ok)
-            for k, lp, miss in zip(chunk, sums.tolist(), misses.tolist()):
+            sums = torch.zeros(len(keys), device=dev, dtype=torch.float64).index_add_(0, who_t, tok_lp.double())
+            misses = torch.zeros(len(keys), device=dev).index_add_(0, who_t, 1 - greedy_ok)
+            for k, lp, miss in zip(keys, sums.tolist(), misses.tolist()):
                 res[k] = (lp, miss == 0)
     return res
 
