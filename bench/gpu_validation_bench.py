@@ -116,14 +116,15 @@ def parts(model, placement, a, res: dict) -> None:
                   "engine_tok_s": round(len(ids) / tb), "batch": placement.ppl_batch, "engine_s": round(tb, 3)}
 
     mc_tokens = sum(len(c) + len(k) for c, k in reqs)
-    loglikelihoods(model, reqs[:8], placement.token_budget)
+    loglikelihoods(model, reqs[:8], placement.token_budget, pack=placement.pack_width)
     naive, tn = timed(lambda: mc_naive(model, reqs[:a.mc_naive]))
-    tuned, tm = timed(lambda: loglikelihoods(model, reqs, placement.token_budget))
+    tuned, tm = timed(lambda: loglikelihoods(model, reqs, placement.token_budget, pack=placement.pack_width))
     diff = max(abs(x - y[0]) for x, y in zip(naive, tuned))
     res["mc"] = {"requests": a.mc, "tokens": mc_tokens,
                  "naive_tok_s": round(sum(len(c) + len(k) for c, k in reqs[:a.mc_naive]) / tn),
                  "engine_tok_s": round(mc_tokens / tm), "engine_s": round(tm, 3),
-                 "max_abs_loglik_diff_vs_naive": round(diff, 4), "token_budget": placement.token_budget}
+                 "max_abs_loglik_diff_vs_naive": round(diff, 4), "token_budget": placement.token_budget,
+                 "pack_width": placement.pack_width}
 
     gen_tokens = sum(plens) + a.prompts * a.new_tokens
     greedy(model, prompts[:2], 4, 0, cuda_graph=placement.cuda_graph)
@@ -150,7 +151,8 @@ def parts(model, placement, a, res: dict) -> None:
             return perplexity(model, ids, a.window, batch=placement.ppl_batch), \
                 greedy(model, prompts, a.new_tokens, 0, cuda_graph=placement.cuda_graph)
 
-        (_, gens_ov), t_ov = timed(lambda: overlapped(main_part, lambda: loglikelihoods(model, reqs, placement.token_budget)))
+        (_, gens_ov), t_ov = timed(lambda: overlapped(main_part, lambda: loglikelihoods(model, reqs, placement.token_budget,
+                                                                                       pack=placement.pack_width)))
         res["parts_pass_overlapped"] = {"seconds": round(t_ov, 3), "useful_tok_s": round(total / t_ov),
                                         "pct_of_roofline": round(100 * total / t_ov / res["roofline_tok_s"], 1),
                                         "greedy_rows_same_as_sequential": f"{sum(x == y for x, y in zip(gens_ov, gg))}/{a.prompts}"}
@@ -188,24 +190,30 @@ class Counter:
     def reset(self):
         self.tokens = {"perplexity": 0, "loglikelihood": 0, "generation": 0}
         self.seconds = {"loglikelihood": 0.0, "generation": 0.0}
+        self.calls: list[dict] = []  # each engine call (timed passes only)
 
     def install(self):
         from quantpipe.validation import accuracy, engine, metrics
 
         ll, gr, ppl = engine.loglikelihoods, engine.greedy, metrics.perplexity
 
-        def loglik(model, reqs, budget):
-            self.tokens["loglikelihood"] += sum(len(c) + len(k) for c, k in reqs)
+        def loglik(model, reqs, budget, **kw):
+            n = sum(len(c) + len(k) for c, k in reqs)
+            self.tokens["loglikelihood"] += n
             if not self.timing:
-                return ll(model, reqs, budget)
-            out, dt = timed(lambda: ll(model, reqs, budget))
+                return ll(model, reqs, budget, **kw)
+            out, dt = timed(lambda: ll(model, reqs, budget, **kw))
             self.seconds["loglikelihood"] += dt
+            self.calls.append({"loglikelihood": len(reqs), "tokens": n, "s": round(dt, 3)})
             return out
 
         def greedy(model, prompts, new, pad, **kw):
             if self.timing:
                 out, dt = timed(lambda: gr(model, prompts, new, pad, **kw))
                 self.seconds["generation"] += dt
+                self.calls.append({"greedy": len(prompts), "prompt_tokens": sum(len(p) for p in prompts),
+                                   "longest": max(len(p) for p in prompts), "new": new,
+                                   "steps": max(len(o) for o in out), "s": round(dt, 3)})
             else:
                 out = gr(model, prompts, new, pad, **kw)
             self.tokens["generation"] += sum(len(p) for p in prompts) + sum(len(o) for o in out)
@@ -288,6 +296,7 @@ def stage(model, placement, a, res: dict) -> None:
         "breakdown_s": {"perplexity_kl": ppl_s, "lm_eval_tasks": acc_s, "greedy_and_rest": round(ts - ppl_s - acc_s, 3),
                         "engine_loglikelihood": round(counter.seconds["loglikelihood"], 3),
                         "engine_generation_all": round(counter.seconds["generation"], 3)},
+        "engine_calls": counter.calls,
         "same_as_overlapped": {
             "perplexity_rel_diff": abs(one["perplexity"]["perplexity"] / cand["perplexity"]["perplexity"] - 1),
             "task_items_equal": f"{sum(a == b for a, b in items)}/{len(items)}",
@@ -335,8 +344,11 @@ def main() -> None:
     res: dict = {"bench": "gpu_validation", "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                  "placement": placement.__dict__, "layers": a.layers, "matmul_params": n_mm,
                  "matmul_tflops_bf16": round(tf, 1), "roofline_tok_s": round(tf * 1e12 / (2 * n_mm))}
+    from quantpipe.validation.engine import attention_kernels
+
     if not a.skip_parts:
-        parts(model, placement, a, res)
+        with attention_kernels(placement):  # as measure_loaded runs them
+            parts(model, placement, a, res)
     if a.assets:
         stage(model, placement, a, res)
     if dev == "cuda" and placement.cuda_graph:

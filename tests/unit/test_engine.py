@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -43,6 +45,20 @@ def test_batched_perplexity_matches_one_window_at_a_time(tiny):
     assert torch.allclose(many["dist"]["topk_logp"].float(), one["dist"]["topk_logp"].float(), atol=1e-2)
     ref = perplexity(tiny, ids, 32, reference=one["dist"], batch=3)
     assert ref["kl"]["mean"] < 1e-3
+    # against a plain log_softmax over the full model output, window by window
+    nll, top1, topk = 0.0, [], []
+    with torch.inference_mode():
+        for i in range(0, len(ids), 32):
+            w = torch.tensor([ids[i:i + 32]])
+            if w.shape[1] < 2:
+                continue
+            lp = torch.log_softmax(tiny(input_ids=w).logits[0, :-1].float(), -1)
+            nll -= float(lp.gather(1, w[0, 1:, None]).sum())
+            top1 += lp.argmax(-1).tolist()
+            topk.append(lp.topk(32, -1).values)
+    assert one["perplexity"] == pytest.approx(math.exp(nll / len(top1)), rel=1e-5)
+    assert one["top1"] == top1
+    assert torch.allclose(one["dist"]["topk_logp"].float(), torch.cat(topk), atol=2e-3)
 
 
 def _naive_loglik(model, ctx, cont):
@@ -103,6 +119,64 @@ def test_batched_greedy_matches_generate_and_stops_at_eos(tiny):
         assert row == full[:full.index(stop) + 1] if stop in full else row == full
 
 
+def _generate(model, prompts, n):
+    want = []
+    with torch.inference_mode():
+        for p in prompts:
+            x = torch.tensor([p])
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+            want.append(out[0, len(p):].tolist())
+    return want
+
+
+def test_greedy_shares_a_common_prefix_and_packs_prompts(tiny, monkeypatch):
+    from quantpipe.validation import engine
+
+    shared = _ids(7, 7)
+    prompts = [shared + _ids(n, 70 + n) for n in (1, 9, 4, 13, 2, 6)] + [shared[:5] + [3]]
+    assert engine.common_prefix(prompts) == 5  # the last prompt parts after 5 shared tokens
+    assert engine.common_prefix(prompts[:6]) == 7
+    assert engine.common_prefix([shared, shared]) == 6  # at least one own token each
+    want = _generate(tiny, prompts, 8)
+    padded, orig = [], engine._padded_prefill
+    monkeypatch.setattr(engine, "_padded_prefill", lambda *a: padded.append(1) or orig(*a))
+    assert engine.greedy(tiny, prompts, 8, pad_id=0) == want
+    assert engine.greedy(tiny, prompts[:6], 8, pad_id=0) == want[:6]
+    # small rows and a small budget: several packed rows, several prefill forwards
+    assert engine.greedy(tiny, prompts, 8, pad_id=0, token_budget=40, row=20) == want
+    # the padded prefill (for caches the packed one cannot fill) gives the same tokens
+    assert padded == []  # all of the above went through the packed prefill
+    monkeypatch.setattr(engine, "_packed_prefill", lambda *a, **k: None)
+    assert engine.greedy(tiny, prompts, 8, pad_id=0) == want
+    assert padded == [1]
+
+
+def test_grouped_query_attention_without_copies_gives_the_same_outputs(tiny):
+    from quantpipe.validation import engine
+
+    assert tiny.config.num_attention_heads // tiny.config.num_key_value_heads == 2  # a GQA model
+    calls = []
+    placement = engine.resolve_placement()
+    prompts = [_ids(7, 7) + _ids(n, 70 + n) for n in (1, 9, 4)] + [_ids(5, 5)]
+    reqs = [(_ids(5 + 3 * i, i), _ids(1 + i % 4, 100 + i)) for i in range(9)]
+    want_gen = engine.greedy(tiny, prompts, 8, pad_id=0)
+    want_ll = engine.loglikelihoods(tiny, reqs, 120, pack=64)
+    with engine.attention_kernels(placement):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        folded = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda *a, **k: calls.append(a[4] is not None) or folded(*a, **k)
+        got_gen = engine.greedy(tiny, prompts, 8, pad_id=0)
+        got_ll = engine.loglikelihoods(tiny, reqs, 120, pack=64)
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = folded
+    assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping  # removed on exit
+    assert calls and all(calls)  # every attention call had a mask: all went through the fold
+    assert got_gen == want_gen
+    for (lp, g), (wlp, wg) in zip(got_ll, want_ll):
+        assert lp == pytest.approx(wlp, abs=1e-4) and g == wg
+
+
 def test_placement_cpu_defaults_and_bad_environment(monkeypatch):
     from quantpipe.settings import EvalEngine
     from quantpipe.validation.engine import resolve_placement
@@ -134,3 +208,31 @@ def test_baseline_key_separates_device_kinds(tmp_path):
     cpu = baseline_key("abc", heldout, EvalSettings(), None)
     assert baseline_key("abc", heldout, EvalSettings(), None, "cpu-float32") == cpu
     assert baseline_key("abc", heldout, EvalSettings(), None, "cuda-bfloat16") != cpu
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_grouped_query_sdpa_matches_repeated_keys(q_len):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from quantpipe.validation.engine import grouped_query_sdpa
+
+    class Module:
+        num_key_value_groups = 4
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, q_len, 16, generator=g)
+    k, v = torch.randn(3, 2, 11, 16, generator=g), torch.randn(3, 2, 11, 16, generator=g)
+    mask = torch.rand(3, 1, q_len, 11, generator=g) > 0.3
+    mask[..., 0] = True
+
+    def no_fallback(*a, **kw):
+        raise AssertionError("a masked GQA call fell back to the copying path")
+
+    got, _ = grouped_query_sdpa(no_fallback)(Module(), q, k, v, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (3, q_len, 8, 16)
+    assert torch.allclose(got, want, atol=1e-5)
+    calls = []
+    grouped_query_sdpa(lambda *a, **kw: calls.append(1) or (None, None))(Module(), q, k, v, None)
+    assert calls == [1]  # no mask: transformers' own path

@@ -111,7 +111,7 @@ def _batched_hflm_class():
                 [[t for t, m in zip(r, mr) if m] for r, mr in zip(context.tolist(), mask.tolist())]
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
             new = greedy(self.model, rows, max_length - context.shape[1], pad, cuda_graph=self.placement.cuda_graph,
-                         stop_ids=[self.eot_token_id])
+                         stop_ids=[self.eot_token_id], token_budget=self.placement.token_budget)
             width = max(len(n) for n in new)
             tail = torch.full((len(new), width), pad, dtype=torch.long)
             for r, n in enumerate(new):

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from ..settings import EvalSettings
-from .engine import Placement, device_of, greedy, overlapped, parts, resolve_placement, window_batches
+from .engine import (Placement, attention_kernels, device_of, greedy, overlapped, parts, resolve_placement,
+                     window_batches)
 
 log = logging.getLogger(__name__)
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")
@@ -79,38 +80,50 @@ def perplexity(model, token_ids: list[int], window: int, reference: dict | None 
     t0 = time.perf_counter()
     dev = device_of(model)
     body, head = parts(model)
-    nll, count, correct = 0.0, 0, 0
-    top1: list[int] = []
-    topk_ids, topk_logp, kls = [], [], []
     windows = [token_ids[i:i + window] for i in range(0, len(token_ids), window)]
     windows = [w for w in windows if len(w) > 1]
-    pos = 0
+    nll = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.long, device=dev)
+    top1, topk_ids, topk_logp, kls = [], [], [], []
+    pos = off = 0
+    # everything stays on the device until the end: no host sync between windows
+    all_ids = torch.tensor(token_ids, dtype=torch.long).to(dev)
+    if reference is not None:
+        ref_ids, ref_lp = reference["topk_ids"].to(dev), reference["topk_logp"].to(dev)
     with torch.inference_mode():
         for group in window_batches(windows, batch):
-            x = torch.tensor(group, device=dev)
+            k, w = len(group), len(group[0])
+            x = all_ids[off:off + k * w].view(k, w)  # consecutive windows of equal length
+            off += k * w
             hidden = body(input_ids=x).last_hidden_state
             for r in range(x.shape[0]):
-                logp = torch.log_softmax(head(hidden[r, :-1]).float(), -1)
+                raw = head(hidden[r, :-1])  # the model's dtype: ranking on it reads half the bytes
+                logits = raw.float()
+                lse = torch.logsumexp(logits, -1)  # log p = logit - lse (a log_softmax without its copy)
                 tgt = x[r, 1:]
-                nll += float(torch.nn.functional.nll_loss(logp, tgt, reduction="sum"))
-                pred = logp.argmax(-1)
-                correct += int((pred == tgt).sum())
-                top1.extend(pred.tolist())
-                v, i = logp.topk(TOPK, -1)
-                topk_ids.append(i.to(torch.int32).cpu())
-                topk_logp.append(v.cpu())
-                n = logp.shape[0]
+                nll += (lse - logits.gather(1, tgt[:, None])[:, 0]).sum(dtype=torch.float64)
+                pred = raw.argmax(-1)
+                correct += (pred == tgt).sum()
+                top1.append(pred)
+                v, i = raw.topk(TOPK, -1)
+                topk_ids.append(i.to(torch.int32))
+                topk_logp.append(v.float() - lse[:, None])
+                n = logits.shape[0]
                 if reference is not None:
-                    r_ids = reference["topk_ids"][pos:pos + n].long().to(dev)
-                    r_lp = reference["topk_logp"][pos:pos + n].float().to(dev)
+                    r_ids = ref_ids[pos:pos + n].long()
+                    r_lp = ref_lp[pos:pos + n].float()
                     p_k = r_lp.exp()
-                    q_k = logp.gather(1, r_ids).exp()
+                    q_k = (logits.gather(1, r_ids) - lse[:, None]).exp()
                     p_rest = (1 - p_k.sum(1)).clamp_min(1e-12)
                     q_rest = (1 - q_k.sum(1)).clamp_min(1e-12)
                     kl = (p_k * (r_lp - q_k.clamp_min(1e-30).log())).sum(1) + p_rest * (p_rest.log() - q_rest.log())
-                    kls.append(kl.clamp_min(0).cpu())
+                    kls.append(kl.clamp_min(0))
                 pos += n
-                count += n
+    count = pos
+    nll, correct = float(nll), int(correct)
+    top1 = torch.cat(top1).tolist()
+    topk_ids, topk_logp = [t.cpu() for t in topk_ids], [t.cpu() for t in topk_logp]
+    kls = [k.cpu() for k in kls]
     secs = time.perf_counter() - t0
     ppl = math.exp(nll / count)
     log.info("perplexity %.3f over %d tokens (%d windows, %d per forward) in %.1f s (%.0f tokens/s)",
@@ -152,7 +165,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
     new_ids: list[list[int]] = []
     for i in range(0, len(enc), placement.gen_batch):
         new_ids += greedy(model, enc[i:i + placement.gen_batch], max_new_tokens, pad,
-                          cuda_graph=placement.cuda_graph, stop_ids=[eos] if eos is not None else [])
+                          cuda_graph=placement.cuda_graph, stop_ids=[eos] if eos is not None else [],
+                          token_budget=placement.token_budget)
     out = [{"prompt": p, "token_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)}
            for p, ids in zip(prompts, new_ids)]
     log.info("greedy generation: %d prompts x %d tokens in %.1f s", len(prompts), max_new_tokens,
@@ -194,14 +208,16 @@ def measure_loaded(model, tok, heldout_texts: list[str], s: EvalSettings, tasks_
 
         return task_accuracy(model, tok, tasks_dir, list(s.tasks), s.task_limit, placement=placement)
 
-    def ppl_then_generations():
-        return perplexity(model, ids, s.ppl_window, reference, batch=placement.ppl_batch), generations()
+    def held_out():
+        return perplexity(model, ids, s.ppl_window, reference, batch=placement.ppl_batch)
 
-    if placement.overlap and placement.device == "cuda":
-        # lm-eval (the longest, and partly CPU-bound) beside perplexity then generation
-        (ppl, gens), acc = overlapped(ppl_then_generations, tasks)
-    else:
-        (ppl, gens), acc = ppl_then_generations(), tasks()
+    with attention_kernels(placement):
+        if placement.overlap and placement.device == "cuda":
+            # perplexity's large GEMMs here; greedy decoding (latency-bound) and lm-eval
+            # (partly CPU-bound) each on its own stream beside it
+            ppl, gens, acc = overlapped(held_out, generations, tasks)
+        else:
+            ppl, gens, acc = held_out(), generations(), tasks()
     dist = ppl.pop("dist")
     out = {"perplexity": ppl, "generations": gens, "settings": s.model_dump(), "engine": placement.kind,
            "dist": dist, "heldout_ids": ids}
