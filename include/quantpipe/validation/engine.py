@@ -70,19 +70,22 @@ def resolve_placement(e: EvalEngine | None = None) -> Placement:
     return Placement("cpu", "float32", 1, e.cpu_token_budget, e.gen_batch, False, pack_width=e.pack_width)
 
 
-def overlapped(main, *sides):
+def overlapped(main, *sides, priorities: Sequence[int] = ()):
     """Run each of ``sides`` in its own thread on its own CUDA stream while ``main`` runs
     here: decode steps and lm-eval's Python work (building, tokenizing and scoring requests)
-    fill the gaps of the perplexity pass's large GEMMs. Returns (main(), *sides())."""
+    fill the gaps of the perplexity pass's large GEMMs. ``priorities``: CUDA stream priority
+    per side (-1: its kernels go first whenever SMs free up, for small latency-bound decode
+    steps beside large GEMMs; 0: normal). Returns (main(), *sides())."""
     import threading
 
     import torch
 
     boxes: list[dict] = [{} for _ in sides]
+    prio = list(priorities) + [0] * (len(sides) - len(priorities))
 
-    def worker(fn, box):
+    def worker(fn, box, priority):
         try:
-            stream = torch.cuda.Stream()
+            stream = torch.cuda.Stream(priority=priority)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.inference_mode(), torch.cuda.stream(stream):
                 box["out"] = fn()
@@ -90,8 +93,8 @@ def overlapped(main, *sides):
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
 
-    threads = [threading.Thread(target=worker, args=(fn, box), name=f"quantpipe-eval-side-{i}")
-               for i, (fn, box) in enumerate(zip(sides, boxes))]
+    threads = [threading.Thread(target=worker, args=(fn, box, pr), name=f"quantpipe-eval-side-{i}")
+               for i, (fn, box, pr) in enumerate(zip(sides, boxes, prio))]
     for th in threads:
         th.start()
     try:

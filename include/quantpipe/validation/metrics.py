@@ -195,7 +195,6 @@ def measure_loaded(model, tok, heldout_texts: list[str], s: EvalSettings, tasks_
     GPU, task accuracy runs beside perplexity and greedy generation (``engine.overlapped``);
     the figures are those of running them one after another."""
     t0 = time.perf_counter()
-    ids = heldout_token_ids(tok, heldout_texts, s.ppl_max_tokens)
     want_tasks = tasks_dir is not None and s.task_limit > 0 and bool(s.tasks)
 
     def generations():
@@ -209,15 +208,17 @@ def measure_loaded(model, tok, heldout_texts: list[str], s: EvalSettings, tasks_
         return task_accuracy(model, tok, tasks_dir, list(s.tasks), s.task_limit, placement=placement)
 
     def held_out():
-        return perplexity(model, ids, s.ppl_window, reference, batch=placement.ppl_batch)
+        ids = heldout_token_ids(tok, heldout_texts, s.ppl_max_tokens)
+        return perplexity(model, ids, s.ppl_window, reference, batch=placement.ppl_batch), ids
 
     with attention_kernels(placement):
         if placement.overlap and placement.device == "cuda":
             # perplexity's large GEMMs here; greedy decoding (latency-bound) and lm-eval
             # (partly CPU-bound) each on its own stream beside it
-            ppl, gens, acc = overlapped(held_out, generations, tasks)
+            # (decode steps on a high-priority stream: they slip in between the GEMMs' blocks)
+            (ppl, ids), gens, acc = overlapped(held_out, generations, tasks, priorities=(-1, 0))
         else:
-            ppl, gens, acc = held_out(), generations(), tasks()
+            (ppl, ids), gens, acc = held_out(), generations(), tasks()
     dist = ppl.pop("dist")
     out = {"perplexity": ppl, "generations": gens, "settings": s.model_dump(), "engine": placement.kind,
            "dist": dist, "heldout_ids": ids}
