@@ -236,3 +236,38 @@ def test_grouped_query_sdpa_matches_repeated_keys(q_len):
     calls = []
     grouped_query_sdpa(lambda *a, **kw: calls.append(1) or (None, None))(Module(), q, k, v, None)
     assert calls == [1]  # no mask: transformers' own path
+
+
+class _PoolStream:
+    """Stands for torch.cuda.Stream: handles handed out round-robin from a small pool."""
+
+    made = 0
+
+    def __init__(self, pool: int):
+        self.cuda_stream = 1000 + _PoolStream.made % pool
+        _PoolStream.made += 1
+
+
+def test_dedicated_streams_never_share_a_cuda_handle(monkeypatch):
+    from quantpipe.validation import engine
+
+    monkeypatch.setattr(engine, "_streams", {})
+    _PoolStream.made = 0
+    new = lambda p: _PoolStream(4)  # noqa: E731
+    # per-call streams from the pool come back to the same handle: what went wrong before
+    assert {_PoolStream(4).cuda_stream for _ in range(8)} == {1000, 1001, 1002, 1003}
+    side0 = engine.dedicated_stream("side-0", -1, new)
+    for _ in range(3):  # other code takes pool streams: the pool's next handle is side-0's again
+        _PoolStream(4)
+    side1 = engine.dedicated_stream("side-1", 0, new)
+    capture = engine.dedicated_stream("graph-capture", 0, new)
+    handles = [side0.cuda_stream, side1.cuda_stream, capture.cuda_stream]
+    assert len(set(handles)) == 3, handles
+    # the same role gets the same stream on every call, whatever the pool did in between
+    for _ in range(10):
+        _PoolStream(4)
+        assert engine.dedicated_stream("graph-capture", 0, new) is capture
+        assert engine.dedicated_stream("side-1", 0, new) is side1
+    engine.dedicated_stream("extra", 0, new)
+    with pytest.raises(RuntimeError, match="no CUDA stream"):
+        engine.dedicated_stream("one-too-many", 0, new)
