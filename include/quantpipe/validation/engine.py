@@ -503,8 +503,20 @@ def _capture(step, cache, width: int):
     if not layers or not all(hasattr(layer, "cumulative_length") for layer in layers):
         log.info("CUDA graph decode not available for this cache; decoding eagerly")
         return None
+    with _capture_lock:  # one capture at a time: the consistency prompts and lm-eval's
+        return _capture_locked(step, cache, layers, width)  # generations decode in two threads
+
+
+_capture_lock = threading.Lock()
+
+
+def _capture_locked(step, cache, layers, width: int):
+    import torch
+
     try:
-        s = dedicated_stream("graph-capture")  # warm-up and capture; no other thread's work runs on it
+        # warm-up and capture on a stream of this caller's own (keyed by the caller's current
+        # stream: main thread or a side role), on which no other thread's work runs
+        s = dedicated_stream(f"graph-capture-for-{torch.cuda.current_stream().cuda_stream}")
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
