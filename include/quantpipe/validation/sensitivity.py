@@ -15,20 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def _nll(model, ids: list[int], window: int) -> float:
-    import torch
+    """Mean next-token NLL over the windows: the validation stage's own perplexity pass."""
+    from .metrics import perplexity
 
-    total, n = 0.0, 0
-    dev = next(model.parameters()).device
-    with torch.inference_mode():
-        for i in range(0, len(ids), window):
-            w = ids[i:i + window]
-            if len(w) < 2:
-                continue
-            x = torch.tensor([w], device=dev)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-            n += len(w) - 1
-    return total / max(n, 1)
+    return perplexity(model, ids, window)["nll"]
 
 
 def layer_errors(baseline_model, quantized_model) -> list[dict]:
