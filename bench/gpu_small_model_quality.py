@@ -111,7 +111,7 @@ VARIANTS = {
 def quantize_variant(ckpt: Path, work: Path, samples: list[list[int]], max_len: int, variant: str) -> dict:
     from llmcompressor.modifiers.gptq import base as gptq_base
 
-    from quantpipe.artifacts import ArtifactStore
+    from quantpipe.artifacts import ArtifactStore, uri_to_path
     from quantpipe.quantization import gpu_profile, run
     from quantpipe.settings import QuantSettings
 
@@ -132,7 +132,7 @@ def quantize_variant(ckpt: Path, work: Path, samples: list[list[int]], max_len: 
         for k, v in saved.items():
             setattr(gpu_profile, k, v)
         gptq_base.accumulate_hessian = original
-    path = ArtifactStore(work).find("quantized", f"{s.method}-{s.scheme.lower()}-{res.key}")
+    path = uri_to_path(res.uri)
     prov = json.loads((path / run.PROVENANCE).read_text())
     return {"path": path, "scheme": res.scheme, "settings": s.model_dump(), "timings": prov["timings"],
             "placement": prov["placement"], "hessian": "llmcompressor" if used is original else f"fast-{hessian}"}
