@@ -77,7 +77,7 @@ def _ckpt(tmp_path: Path, config: str = "config_fp8.json") -> Path:
 
 
 def test_preflight_refuses_w4a16_on_avx2(tmp_path):
-    s = DeploySettings.load({"state_dir": tmp_path / "st"}, environ={})
+    s = DeploySettings.load({"state_dir": tmp_path / "st", "target": "cpu-avx2"}, environ={})
     with pytest.raises(pf.PreflightError, match="cannot serve W4A16.*cpu_gemm_wna16"):
         pf.run_preflight(_ckpt(tmp_path, "config_w4a16.json"), s)
     s512 = DeploySettings.load({"state_dir": tmp_path / "st", "target": "cpu-avx512"}, environ={})

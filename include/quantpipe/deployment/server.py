@@ -71,7 +71,8 @@ def pick_port(s: DeploySettings, avoid: set[int] = frozenset()) -> int:
     raise LaunchError(f"no free port in backend_ports {s.backend_ports} on {s.host}")
 
 
-def build_argv(s: DeploySettings, model_dir: Path, served_name: str, port: int) -> list[str]:
+def build_argv(s: DeploySettings, model_dir: Path, served_name: str, port: int, target: str | None = None) -> list[str]:
+    target = target or s.serving_target().name
     argv = [*s.command, "serve", str(model_dir),
             "--served-model-name", served_name,
             "--host", s.host, "--port", str(port),
@@ -82,14 +83,15 @@ def build_argv(s: DeploySettings, model_dir: Path, served_name: str, port: int) 
             "--tensor-parallel-size", str(s.tensor_parallel_size),
             "--dtype", s.dtype,
             "--disable-uvicorn-access-log"]
-    if s.target == "cuda":
+    if target == "cuda":
         argv += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
     if s.enforce_eager:
         argv.append("--enforce-eager")
     return argv
 
 
-def build_env(s: DeploySettings, api_key: str | None) -> dict[str, str]:
+def build_env(s: DeploySettings, api_key: str | None, target: str | None = None) -> dict[str, str]:
+    target = target or s.serving_target().name
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "QUANTPIPE_VLLM_API"))}
     cache = s.state_dir / "cache"
     tmp = s.state_dir / "tmp"
@@ -102,7 +104,7 @@ def build_env(s: DeploySettings, api_key: str | None) -> dict[str, str]:
     # The serving environment is its own venv: do not leak the Airflow venv into it.
     for k in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
         env.pop(k, None)
-    if s.target.startswith("cpu"):
+    if target.startswith("cpu"):
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{s.cpu_kvcache_space_gib:g}"
     if api_key:
         env["VLLM_API_KEY"] = api_key
@@ -125,12 +127,13 @@ def launch(s: DeploySettings, model_dir: Path, served_name: str, *, port: int | 
     logs = s.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{tag}-{port}-{time.strftime('%Y%m%dT%H%M%S')}.log"
-    argv = build_argv(s, model_dir, served_name, port)
+    target = s.serving_target().name
+    argv = build_argv(s, model_dir, served_name, port, target)
     with open(log_path, "ab") as out:
         out.write((json.dumps({"argv": argv}) + "\n").encode())
         out.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=build_env(s, api_key), cwd=str(s.state_dir), start_new_session=True,
+                                env=build_env(s, api_key, target), cwd=str(s.state_dir), start_new_session=True,
                                 close_fds=True)
     ticks = None
     for _ in range(50):

@@ -17,13 +17,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import PipelineError
+from .target import TargetInfo, resolve_target
 
 REPO = Path(__file__).resolve().parents[3]
 ENV_PREFIX = "QUANTPIPE_DEPLOY_"
 VLLM_CMD_ENV = "QUANTPIPE_VLLM_CMD"
 DEFAULT_VLLM_CMD = f"{REPO / '.venv-serving' / 'bin' / 'python'} {REPO / 'scripts' / 'vllm_cpu.py'}"
 
-Target = Literal["cpu-avx2", "cpu-avx512", "cuda"]
+Target = Literal["auto", "cpu-avx2", "cpu-avx512", "cuda"]
 
 
 class DeploySettings(BaseModel):
@@ -32,8 +33,12 @@ class DeploySettings(BaseModel):
     vllm_cmd: str = Field(DEFAULT_VLLM_CMD, title="vLLM command",
                           description="A command that behaves like the `vllm` CLI; `serve MODEL ...` is appended. "
                                       f"Env {VLLM_CMD_ENV}. Default: the CPU wrapper in .venv-serving")
-    target: Target = Field("cpu-avx2", title="Target vLLM build",
-                           description="Decides which quantization schemes pre-flight accepts")
+    target: Target = Field("auto", title="Serving target",
+                           description="auto (default): detected on the serving worker - cuda when an NVIDIA GPU "
+                                       "is visible (and the command is not the CPU build), cpu-avx512 when "
+                                       "/proc/cpuinfo has avx512f, else cpu-avx2 (quantpipe.deployment.target). "
+                                       "A value here overrides the detection. Decides which quantization "
+                                       "schemes pre-flight accepts and which it warns about")
     host: str = Field("127.0.0.1", title="Bind address of the vLLM servers and the stable endpoint")
     endpoint_port: int = Field(8000, ge=1024, le=65535, title="Stable endpoint port (what clients call)")
     backend_ports: tuple[int, int] = Field((8100, 8199), title="Port range for vLLM servers behind the endpoint")
@@ -97,6 +102,11 @@ class DeploySettings(BaseModel):
     @property
     def command(self) -> list[str]:
         return shlex.split(self.vllm_cmd)
+
+    def serving_target(self, **probes) -> TargetInfo:
+        """The target this worker serves on: ``target`` when set, else detected (``probes`` replace the
+        host's /proc/cpuinfo flags and GPU count in tests: cpu_flags=, cpuinfo=, gpus=)."""
+        return resolve_target(self.target, self.vllm_cmd, **probes)
 
     @classmethod
     def load(cls, overrides: dict | None = None, environ: dict | None = None) -> "DeploySettings":
