@@ -35,7 +35,15 @@ FIELDS: dict[str, tuple[type, str]] = {
     "min_top1_agreement": (Tolerances, "min_top1_agreement"),
     "max_mean_kl": (Tolerances, "max_mean_kl"),
     "category_drop_pct": (Tolerances, "category_drop_pct"),
-    "min_token_agreement": (Tolerances, "min_token_agreement"),
+    "max_flip_rate": (Tolerances, "max_flip_rate"),
+    "max_slice_kl": (Tolerances, "max_slice_kl"),
+    "min_slice_top1": (Tolerances, "min_slice_top1"),
+    "max_answer_flip_rate": (Tolerances, "max_answer_flip_rate"),
+    "check_limits": (Tolerances, "check_limits"),
+    "inconclusive": (Tolerances, "inconclusive"),
+    "review_all": (Tolerances, "review_all"),
+    "review_timeout_minutes": (Tolerances, "review_timeout_minutes"),
+    "eval_domains_path": (EvalSettings, "eval_domains_path"),
     "remediation": (RemediationSettings, "enabled"),
     "remediation_attempts": (RemediationSettings, "max_attempts"),
     "deploy": (DeployOptions, "enabled"),
@@ -47,7 +55,10 @@ SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization",
             "calibration_dataset": "Calibration", "seed": "Calibration", "ppl_max_tokens": "Evaluation",
             "num_prompts": "Evaluation", "max_new_tokens": "Evaluation", "ppl_increase_pct": "Gate tolerances",
             "accuracy_drop_pct": "Gate tolerances", "min_top1_agreement": "Gate tolerances",
-            "min_token_agreement": "Gate tolerances", "task_limit": "Evaluation", "sensitivity_layers": "Evaluation", "max_mean_kl": "Gate tolerances",
+            **{k: "Gate tolerances" for k in ("max_flip_rate", "max_slice_kl", "min_slice_top1",
+                                              "max_answer_flip_rate", "check_limits")},
+            **{k: "Review" for k in ("inconclusive", "review_all", "review_timeout_minutes")},
+            "eval_domains_path": "Evaluation", "task_limit": "Evaluation", "sensitivity_layers": "Evaluation", "max_mean_kl": "Gate tolerances",
             "category_drop_pct": "Gate tolerances", "remediation": "Remediation",
             "remediation_attempts": "Remediation", "deploy": "Deployment",
             **{name: "Deployment" for name in DEPLOY_FORM_FIELDS}}
@@ -56,6 +67,7 @@ EXTRA = {
     "bits": {"enum": [4, 8]},
     "group_size": {"enum": list(GROUP_SIZES)},
     "observer": {"enum": ["minmax", "mse"]},
+    "inconclusive": {"enum": ["fail", "review"]},
     "run_name": {"pattern": _SAFE_NAME.pattern},
 }
 
@@ -75,7 +87,7 @@ def form_fields() -> dict[str, tuple[object, dict]]:
             schema: dict = {"type": "integer"}
         elif ann is float:
             schema = {"type": "number"}
-        elif name == "calibration_dataset":
+        elif name in ("calibration_dataset", "eval_domains_path"):
             schema = {"type": ["null", "string"]}
         else:
             schema = {"type": "string"}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .artifacts import ArtifactStore, path_to_uri, uri_to_path
 from .assets.corpus import builtin_corpus, read_texts
+from .assets.domains import heldout_for, user_domains
 from .assets.tasks import builtin_tasks
 from .calibration.dataset import build_calibration_set, load_samples
 from .errors import PipelineError
@@ -25,6 +26,7 @@ from .quantization.recipes import check_group_size
 from .quantization.run import PROVENANCE, quantize
 from .settings import Environment, PipelineParams
 from .validation.checks import run_checks
+from .validation.slices import Positions, positions_from, token_class_table
 from .validation.engine import resolve_placement
 from .validation.metrics import load_model, measure
 from .validation.sensitivity import most_sensitive, sensitivity
@@ -98,6 +100,8 @@ def validate_params(flat: dict) -> dict:
         p = PipelineParams.from_flat(flat)
     except ValueError as e:
         raise PipelineError(f"invalid params: {e}") from e
+    if p.evaluation.eval_domains_path:  # a broken file is refused before any heavy work
+        user_domains(Path(p.evaluation.eval_domains_path))
     log.info("params: %s", p.model_dump_json())
     return p.model_dump(mode="json")
 
@@ -107,10 +111,10 @@ def prep_checkpoint(params: dict) -> dict:
     folder = resolve_model_uri(p.model_uri, env.cache_dir)
     info = verify_checkpoint(folder)
     check_group_size(p.quant, info.hidden_size, info.intermediate_size)
-    corpus = builtin_corpus(env.cache_dir)
+    heldout, heldout_hash = heldout_for(env.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
     t0 = time.perf_counter()
     tasks = builtin_tasks(env.cache_dir) if p.evaluation.task_limit else None
-    uri, metrics, reused = compute_baseline(store, folder, info.checkpoint_hash, corpus / "heldout.jsonl",
+    uri, metrics, reused = compute_baseline(store, folder, info.checkpoint_hash, heldout, heldout_hash,
                                             p.evaluation, tasks)
     ppl = metrics["perplexity"]["perplexity"]
     log.info("baseline perplexity %.3f (%s, %.1f s)", ppl, "cached" if reused else "computed",
@@ -145,38 +149,80 @@ def run_quantization(params: dict, prep: dict, calib: dict) -> dict:
             "seconds": res.seconds, "size_bytes": res.size_bytes, "reused": res.reused}
 
 
+def _positions(baseline: dict, quantized: dict, reference: dict) -> tuple[Positions | None, str]:
+    """Per-position arrays of both models, or None with what is missing (never a silent skip)."""
+    bh, qh = baseline.get("heldout") or {}, quantized.get("heldout") or {}
+    if not bh.get("sha256") or bh.get("sha256") != qh.get("sha256"):
+        return None, "the baseline and the candidate were not measured on the same held-out tokens"
+    missing = [k for k in ("nll", "top1", "topk_logp") if k not in reference]
+    if missing:
+        return None, f"the baseline reference lacks {missing}"
+    pp = quantized["per_position"]
+    if "kl" not in pp:
+        return None, "no KL against the baseline reference"
+    windows = quantized["windows"]
+    domains = list(dict.fromkeys(d for _, _, d in windows))
+    base = {"nll": reference["nll"].numpy(), "top1": reference["top1"].numpy(),
+            "top1_logp": reference["topk_logp"][:, 0].float().numpy()}
+    cand = {k: v.numpy() for k, v in pp.items()}
+    sizes = {len(v) for v in (*base.values(), *cand.values())}
+    if len(sizes) != 1:
+        return None, f"per-position arrays differ in length: {sorted(sizes)}"
+    return positions_from(quantized["heldout_ids"], windows, domains, base, cand), ""
+
+
+def _token_classes(tokenizer, cache_dir: Path) -> dict:
+    """Token classes of this tokenizer; ``rare`` by counts in a sample of the calibration corpus."""
+    texts = read_texts(builtin_corpus(cache_dir) / "calibration.jsonl")[:RARE_REFERENCE_PASSAGES]
+    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
+    return token_class_table(tokenizer, ids)
+
+
+RARE_REFERENCE_PASSAGES = 800
+
+
 def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: str = "validation",
                    extra: dict | None = None) -> dict:
-    """Measure the quantized model exactly as the baseline was measured, check, rank layer
-    sensitivity, and write one report (JSON + HTML) under runs/<run_id>/<label>-*."""
+    """Measure the quantized model exactly as the baseline was measured, check every slice
+    with its confidence, rank layer sensitivity, and write one report (JSON + HTML) under
+    runs/<run_id>/<label>-*."""
     p, env, store = _ctx(params)
     placement = resolve_placement()
+    heldout, heldout_hash = heldout_for(env.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
     bfolder = _local(prep["baseline_uri"])
     baseline = json.loads((bfolder / BASELINE_FILE).read_text())
     tasks = builtin_tasks(env.cache_dir) if p.evaluation.task_limit else None
-    corpus = builtin_corpus(env.cache_dir) / "heldout.jsonl"
-    if baseline.get("engine", "cpu-float32") != placement.kind:
-        # prep ran on another kind of worker: compare like with like (cached per device kind)
-        log.info("baseline was measured on %s, this worker evaluates on %s: using the %s baseline",
-                 baseline.get("engine", "cpu-float32"), placement.kind, placement.kind)
+    b_hash = (baseline.get("heldout") or {}).get("content_sha256")
+    if baseline.get("engine", "cpu-float32") != placement.kind or b_hash != heldout_hash:
+        # prep ran on another kind of worker, or on other held-out text: compare like with like
+        log.info("baseline was measured on %s (held-out %s), this worker evaluates on %s (held-out %s): "
+                 "measuring the matching baseline", baseline.get("engine", "cpu-float32"), (b_hash or "?")[:12],
+                 placement.kind, heldout_hash[:12])
         uri, baseline, _ = compute_baseline(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"],
-                                            corpus, p.evaluation, tasks, placement)
+                                            heldout, heldout_hash, p.evaluation, tasks, placement)
         bfolder = uri_to_path(uri)
     qpath = _local(quant["quantized_uri"])
-    quantized = measure(qpath, read_texts(corpus), p.evaluation, tasks_dir=tasks, reference=load_reference(bfolder),
+    reference = load_reference(bfolder)
+    quantized = measure(qpath, heldout, p.evaluation, tasks_dir=tasks, reference=reference,
                         keep_model=True, placement=placement)
     quantized.pop("dist")
-    qmodel, ids = quantized.pop("model"), quantized.pop("heldout_ids")
+    qmodel, tok = quantized.pop("model"), quantized.pop("tokenizer")
+    pos, missing = _positions(baseline, quantized, reference)
+    classes = _token_classes(tok, env.cache_dir)
+    ids = quantized.pop("heldout_ids")
+    for k in ("per_position", "windows"):
+        quantized.pop(k)
     sens = None
     if p.evaluation.sensitivity_layers:
         bmodel, _ = load_model(_local(prep["checkpoint_uri"]), placement)
         sens = sensitivity(bmodel, qmodel, ids, p.evaluation.ppl_window, p.evaluation.sensitivity_layers)
         del bmodel
     del qmodel
-    checks, cons = run_checks(baseline, quantized, p.tolerances)
+    wanted = list(p.evaluation.tasks) if tasks is not None else []
+    checks, side = run_checks(baseline, quantized, p.tolerances, pos, classes, wanted, missing)
     for c in checks:
-        log.info("check %-24s baseline %.4g quantized %.4g delta %+.4g threshold %s -> %s", c.name,
-                 c.baseline, c.quantized, c.delta, c.threshold, "pass" if c.passed else "FAIL")
+        log.info("check %-28s %s estimate %s interval [%s, %s] limit %s (n=%d)%s", c.name, c.verdict,
+                 _fmt(c.estimate), _fmt(c.low), _fmt(c.high), c.threshold, c.n, f": {c.note}" if c.note else "")
     prov = json.loads((qpath / PROVENANCE).read_text())
     report = build_report(
         run_id=run_id,
@@ -184,7 +230,12 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
                "checkpoint_hash": prep["checkpoint_hash"], "num_parameters": prep["num_parameters"],
                "size_bytes": prep["size_bytes"]},
         quantization={**quant, "provenance": prov}, baseline=baseline, quantized=quantized,
-        checks=checks, consistency=cons, tolerances=p.tolerances.model_dump())
+        checks=checks, consistency=side["consistency"], tolerances=p.tolerances.model_dump())
+    report["answers"] = side["answers"]
+    report["excluded_checks"] = side["excluded"]
+    report["heldout"] = {k: v for k, v in quantized["heldout"].items() if k != "windows"}
+    report["heldout"]["domains"] = {d: sum(n for n, dd in quantized["heldout"]["windows"] if dd == d)
+                                    for d in dict.fromkeys(dd for _, dd in quantized["heldout"]["windows"])}
     report["sensitivity"] = sens
     report["accuracy"] = {"baseline": _no_items(baseline.get("accuracy")),
                           "quantized": _no_items(quantized.get("accuracy"))}
@@ -193,24 +244,32 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
         report.update(extra)
     rid = safe_run_id(run_id)
     name = f"{label}-{quant['method']}-{time.strftime('%Y%m%dT%H%M%S')}"
-    with store.writing("runs", rid, name, meta={"passed": report["passed"]}) as out:
+    with store.writing("runs", rid, name, meta={"passed": report["passed"], "verdict": report["verdict"]}) as out:
         (out / REPORT_JSON).write_text(json.dumps(report, indent=1))
         (out / REPORT_HTML).write_text(render_html(report))
     folder_uri = _publish(store, store.path("runs", rid, name))
-    log.info("%s %s; report: %s/%s", label, "PASSED" if report["passed"] else
-             "FAILED (" + ", ".join(report["failed_checks"]) + ")", folder_uri, REPORT_HTML)
+    log.info("%s %s; report: %s/%s", label, report["verdict"] + ("" if report["passed"] else
+             " (failed: " + ", ".join(report["failed_checks"]) + "; inconclusive: " +
+             ", ".join(report["inconclusive_checks"]) + ")"), folder_uri, REPORT_HTML)
+    by_name = {c.name: c for c in checks}
     return {"report_folder_uri": folder_uri, "report_uri": f"{folder_uri}/{REPORT_JSON}",
             "report_html_uri": f"{folder_uri}/{REPORT_HTML}",
-            "passed": report["passed"], "failed_checks": report["failed_checks"],
+            "passed": report["passed"], "verdict": report["verdict"], "failed_checks": report["failed_checks"],
+            "inconclusive_checks": report["inconclusive_checks"],
             "perplexity_baseline": baseline["perplexity"]["perplexity"],
             "perplexity_quantized": quantized["perplexity"]["perplexity"],
-            "token_agreement": cons["token_agreement"], "exact_match_rate": cons["exact_match_rate"],
-            "top1_agreement": cons["top1_agreement"],
-            "mean_kl": (quantized["perplexity"].get("kl") or {}).get("mean"),
+            "token_agreement": side["consistency"]["token_agreement"],
+            "exact_match_rate": side["consistency"]["exact_match_rate"],
+            "top1_agreement": by_name["top1_agreement"].estimate,
+            "mean_kl": by_name["kl_divergence"].estimate,
             "next_token_accuracy_baseline": baseline["perplexity"]["next_token_accuracy"],
             "next_token_accuracy_quantized": quantized["perplexity"]["next_token_accuracy"],
             "sensitive_layers": most_sensitive(sens, 16) if sens else [],
             "quant": quant, "settings": params, **({"attempt": extra["remediation"]["attempt"]} if extra else {})}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def _no_items(acc: dict | None) -> dict | None:
@@ -285,15 +344,22 @@ def gate(validation: dict) -> bool:
     return bool(validation["passed"])
 
 
-def publish_approved(params: dict, validation: dict, run_id: str) -> dict:
-    """Record the approved model's URI: a per-run record and a per-model pointer (atomic replace)."""
+def publish_approved(params: dict, validation: dict, run_id: str, review: dict | None = None) -> dict:
+    """Record the approved model's URI: a per-run record and a per-model pointer (atomic replace).
+
+    ``review`` is the person's answer (``validation.review.review_record``) when the verdict went to
+    a review; it is part of the record, and a needed review must have approved."""
+    from .validation.review import gate_decision
+
     p, env, store = _ctx(params)
-    if not validation["passed"]:
-        raise PipelineError("refusing to publish a model whose validation failed")
+    if not gate_decision(validation, review):
+        raise PipelineError(f"refusing to publish a model whose validation verdict is {validation.get('verdict')}"
+                            + (" and whose review rejected it" if review else ""))
     quant = validation["quant"]
     record = {"run_id": run_id, "run_name": p.run_name, "model_uri": quant["quantized_uri"],
               "scheme": quant["scheme"], "method": quant["method"], "report_uri": validation["report_uri"],
-              "remediation_attempt": validation.get("attempt", 0),
+              "remediation_attempt": validation.get("attempt", 0), "verdict": validation.get("verdict"),
+              "review": review,
               "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rid = safe_run_id(run_id)
     with store.writing("runs", rid, "approved") as out:
@@ -313,3 +379,28 @@ def publish_approved(params: dict, validation: dict, run_id: str) -> dict:
     os.replace(tmp, pointer)
     log.info("approved model published: %s (pointer %s)", quant["quantized_uri"], pointer)
     return {"approved_uri": quant["quantized_uri"], "record_uri": record_uri, "pointer_uri": path_to_uri(pointer)}
+
+
+def record_review(params: dict, result: dict, record: dict, run_id: str) -> str:
+    """Keep a person's review of a release next to the run's reports:
+    runs/<run_id>/review/review.json (written once; a later, different review of the same run,
+    after its review task was cleared and answered again, goes to review-2, review-3, ...).
+    Returns the URI of the review.json."""
+    p, env, store = _ctx(params)
+    rid = safe_run_id(run_id)
+    body = {"run_id": run_id, "run_name": p.run_name, **record}
+    for n in range(1, 100):
+        name = "review" if n == 1 else f"review-{n}"
+        existing = store.find("runs", rid, name)
+        if existing is not None:
+            if json.loads((existing / "review.json").read_text()) == body:  # the same answer, recorded again
+                return _publish(store, existing) + "/review.json"
+            continue
+        with store.writing("runs", rid, name, meta={"approved": bool(record.get("approved")),
+                                                   "verdict": record.get("verdict")}) as out:
+            (out / "review.json").write_text(json.dumps(body, indent=1))
+        uri = _publish(store, store.path("runs", rid, name)) + "/review.json"
+        log.info("review recorded: %s by %s (%s)", "approved" if record.get("approved") else "rejected",
+                 (record.get("responded_by") or {}).get("name", "nobody (timeout default)"), uri)
+        return uri
+    raise PipelineError(f"too many reviews recorded for run {run_id}")

@@ -94,11 +94,19 @@ class CalibrationSettings(_Frozen):
 class EvalSettings(_Frozen):
     """How baseline and quantized models are measured (identical for both)."""
 
-    ppl_max_tokens: int = Field(4096, ge=256, le=1_000_000, title="Held-out tokens for perplexity")
+    ppl_max_tokens: int = Field(1536, ge=256, le=1_000_000, title="Held-out tokens per domain",
+                                description="Tokens of each held-out domain (prose, math, code, structured, "
+                                            "chat, yours) measured for perplexity, KL and agreement")
     ppl_window: int = Field(512, ge=64, le=8192, title="Perplexity window (tokens)")
+    domains: tuple[str, ...] = Field(("prose", "math", "code", "structured", "chat"), title="Held-out domains",
+                                     description="Built-in domains measured per slice")
+    eval_domains_path: str | None = Field(None, title="Your held-out domains (JSONL, optional)",
+                                          description="A JSONL file with 'text' and optional 'domain' fields; "
+                                                      "each domain becomes slice checks of its own")
+    answer_tokens: int = Field(4, ge=1, le=64, title="Tokens per short answer (answer-flip prompts)")
     num_prompts: int = Field(8, ge=1, le=256, title="Greedy consistency prompts")
     max_new_tokens: int = Field(32, ge=1, le=1024, title="Greedy tokens per prompt")
-    task_limit: int = Field(20, ge=0, le=5000, title="Items per task set",
+    task_limit: int = Field(100, ge=0, le=5000, title="Items per task set",
                             description="Items of each lm-eval task set scored (0 skips task accuracy)")
     tasks: tuple[str, ...] = Field(("qp_piqa", "qp_siqa", "qp_openbookqa", "qp_asdiv"),
                                    title="Task sets (categories)",
@@ -149,9 +157,29 @@ class Tolerances(_Frozen):
     category_drop_pct: dict[str, float] = Field(default_factory=dict, title="Per-category tolerances (points)",
                                                 description="Override accuracy_drop_pct for a task set, e.g. "
                                                             '{"qp_asdiv": 10}')
-    min_token_agreement: float = Field(0.05, ge=0, le=1, title="Greedy consistency floor",
-                                       description="Share of the baseline's greedy tokens the quantized model "
-                                                   "reproduces before its output first diverges")
+    max_flip_rate: float = Field(0.2, ge=0, le=1, title="Confident-flip ceiling",
+                                 description="Largest accepted share of the baseline's confident predictions "
+                                             "(top-1 probability >= 0.5) that the quantized model changes, "
+                                             "overall and in every slice")
+    max_slice_kl: float = Field(0.4, ge=0, title="KL ceiling per slice (nats)",
+                                description="Largest accepted mean KL in any one domain or token class")
+    min_slice_top1: float = Field(0.7, ge=0, le=1, title="Top-1 agreement floor per slice",
+                                  description="Smallest accepted top-1 agreement in any one domain or token class")
+    max_answer_flip_rate: float = Field(0.25, ge=0, le=1, title="Known-answer loss ceiling",
+                                        description="Largest accepted share of the short factual (or numeric) "
+                                                    "answers the baseline gets right that the quantized model "
+                                                    "changes")
+    check_limits: dict[str, float] = Field(default_factory=dict, title="Per-check limits",
+                                           description='Override one slice check\'s limit by name, e.g. '
+                                                       '{"kl:domain:code": 0.5, "top1:class:digits": 0.6}')
+    inconclusive: Literal["fail", "review"] = Field("fail", title="Inconclusive verdicts",
+                                                    description="fail (default): a check the data cannot decide "
+                                                                "blocks the release; review: a person decides "
+                                                                "(Required Actions in the Airflow UI)")
+    review_all: bool = Field(False, title="Review every verdict",
+                             description="A person approves or rejects every release, whatever the checks say")
+    review_timeout_minutes: int = Field(60, ge=1, le=10080, title="Review timeout (minutes)",
+                                        description="Unanswered reviews are rejected after this long")
 
 
 class RemediationSettings(_Frozen):
@@ -223,9 +251,11 @@ class PipelineParams(_Frozen):
                 **pick(("seed",)),
             }),
             evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens", "task_limit",
-                                            "sensitivity_layers"))),
+                                            "sensitivity_layers", "eval_domains_path"))),
             tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_top1_agreement",
-                                          "max_mean_kl", "category_drop_pct", "min_token_agreement"))),
+                                          "max_mean_kl", "category_drop_pct", "max_flip_rate", "max_slice_kl",
+                                          "min_slice_top1", "max_answer_flip_rate", "check_limits",
+                                          "inconclusive", "review_all", "review_timeout_minutes"))),
             remediation=RemediationSettings(**{
                 **({"enabled": f["remediation"]} if f.get("remediation") is not None else {}),
                 **({"max_attempts": f["remediation_attempts"]} if f.get("remediation_attempts") is not None

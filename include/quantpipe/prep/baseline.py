@@ -1,19 +1,22 @@
 """Stage 1b: baseline metrics of the unquantized checkpoint, cached by checkpoint hash.
 
-The cache key is (checkpoint hash, evaluation settings, held-out corpus hash, task
-sets, device kind: CPU float32 or GPU bfloat16), so re-quantizing the same checkpoint with another method never recomputes
-them. Stored: ``baseline.json`` (figures, greedy outputs, per-item task scores) and
-``reference.safetensors`` (top-k next-token log-probabilities for KL; no pickle).
+The cache key is everything that changes the figures: checkpoint hash, evaluation
+settings, the held-out domains' content hash, the prompts, task sets, the measuring
+code's version, the libraries that compute it and the device kind (CPU float32 or GPU
+bfloat16). Re-quantizing the same checkpoint with another method never recomputes them.
+Stored: ``baseline.json`` (figures, greedy outputs, answers, per-item task scores) and
+``reference.safetensors`` (per position: top-k next-token log-probabilities for KL,
+NLL and top-1 for the slice checks; no pickle).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..artifacts import ArtifactStore
-from ..assets.corpus import read_texts
 from ..hashing import sha256_file, sha256_json
 from ..settings import EvalSettings
 from ..validation.engine import Placement, resolve_placement
@@ -24,30 +27,47 @@ BASELINE_FILE = "baseline.json"
 REFERENCE_FILE = "reference.safetensors"
 
 
-def baseline_key(checkpoint_hash: str, heldout: Path, s: EvalSettings, tasks_dir: Path | None,
+MEASURE_VERSION = 2  # v2: per-domain windows, per-position NLL/top-1, answer prompts
+LIBRARIES = ("torch", "transformers", "lm_eval", "compressed-tensors")
+
+
+def _installed(lib: str) -> str | None:
+    try:
+        return version(lib)
+    except PackageNotFoundError:
+        return None
+
+
+def baseline_key(checkpoint_hash: str, heldout_hash: str, s: EvalSettings, tasks_dir: Path | None,
                  engine: str = "cpu-float32") -> str:
-    key = {"ckpt": checkpoint_hash, "heldout": sha256_file(heldout), "eval": s.model_dump(),
-           "tasks": tasks_dir.name if tasks_dir else None}
-    if engine != "cpu-float32":  # CPU keys stay what they were before GPUs were an option
-        key["engine"] = engine
+    from ..validation.answers import answer_prompts
+    from ..validation.metrics import PROMPTS_FILE
+
+    key = {"ckpt": checkpoint_hash, "heldout": heldout_hash, "eval": s.model_dump(mode="json"),
+           "tasks": tasks_dir.name if tasks_dir else None, "engine": engine, "version": MEASURE_VERSION,
+           "prompts": sha256_file(PROMPTS_FILE), "answers": sha256_json(answer_prompts()),
+           "libs": {lib: _installed(lib) for lib in LIBRARIES}}
     return sha256_json(key)[:24]
 
 
-def compute_baseline(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, heldout: Path,
-                     s: EvalSettings, tasks_dir: Path | None = None,
+def compute_baseline(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, heldout: dict,
+                     heldout_hash: str, s: EvalSettings, tasks_dir: Path | None = None,
                      placement: Placement | None = None) -> tuple[str, dict, bool]:
-    """Return (uri, metrics, reused). Measured where ``placement`` says (default: this worker)."""
+    """Return (uri, metrics, reused). ``heldout``: domain -> rows (``assets.domains``), with
+    its content hash. Measured where ``placement`` says (default: this worker)."""
     from safetensors.torch import save_file
 
     placement = placement or resolve_placement()
-    key = baseline_key(checkpoint_hash, heldout, s, tasks_dir, placement.kind)
+    key = baseline_key(checkpoint_hash, heldout_hash, s, tasks_dir, placement.kind)
     found = store.find("baselines", key, deep=True)
     if found is not None:
         log.info("baseline for checkpoint %s found in cache (%s); not recomputing", checkpoint_hash[:12], key)
         return store.uri("baselines", key), json.loads((found / BASELINE_FILE).read_text()), True
-    metrics = measure(checkpoint, read_texts(heldout), s, tasks_dir=tasks_dir, placement=placement)
+    metrics = measure(checkpoint, heldout, s, tasks_dir=tasks_dir, placement=placement)
     dist = metrics.pop("dist")
-    metrics.pop("heldout_ids")
+    for k in ("heldout_ids", "windows", "per_position"):
+        metrics.pop(k)
+    metrics["heldout"]["content_sha256"] = heldout_hash
     metrics["checkpoint_hash"] = checkpoint_hash
     with store.writing("baselines", key, meta={"checkpoint_hash": checkpoint_hash}) as out:
         (out / BASELINE_FILE).write_text(json.dumps(metrics, indent=1))

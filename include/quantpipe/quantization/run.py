@@ -48,14 +48,32 @@ def _no_accelerator_pin_memory_shim() -> None:
         IntermediatesCache._quantpipe_cpu = True
 
 
-def quantize_key(checkpoint_hash: str, s: QuantSettings, calibration_key: str | None) -> str:
-    return sha256_json({"ckpt": checkpoint_hash, "quant": s.model_dump(), "calib": calibration_key})[:16]
+def _installed(lib: str) -> str | None:
+    try:
+        return version(lib)
+    except Exception:  # noqa: BLE001 - a library absent from this environment
+        return None
+
+
+def quantize_key(checkpoint_hash: str, s: QuantSettings, calibration_key: str | None,
+                 hessian: str | None = None) -> str:
+    """Everything that changes the written checkpoint: inputs, settings, the libraries that
+    compute it and the Hessian path GPTQ takes (llm-compressor's own, or the GPU patch)."""
+    return sha256_json({"ckpt": checkpoint_hash, "quant": s.model_dump(), "calib": calibration_key,
+                        "libs": {lib: _installed(lib) for lib in LIBRARIES}, "hessian": hessian})[:16]
+
+
+def _hessian_path() -> str:
+    """Which GPTQ Hessian accumulation this worker runs (part of the cache key)."""
+    import torch
+
+    return "fast-bf16" if torch.cuda.is_available() else "llmcompressor"
 
 
 def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: QuantSettings,
              samples: list[list[int]] | None, calibration_key: str | None,
              max_seq_length: int) -> QuantizeResult:
-    key = quantize_key(checkpoint_hash, s, calibration_key)
+    key = quantize_key(checkpoint_hash, s, calibration_key, hessian=_hessian_path())
     name = f"{s.method}-{s.scheme.lower()}-{key}"
     found = store.find("quantized", name, deep=True)
     if found is not None:

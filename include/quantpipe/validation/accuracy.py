@@ -152,9 +152,13 @@ def task_accuracy(model, tokenizer, tasks_dir: Path, names: list[str], limit: in
         res = out["results"][name]
         samples = out["samples"][name]
         metric = METRIC[kind].split(",")[0]
-        per_item = [float(s[metric]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+        ordered = sorted(samples, key=lambda s: s["doc_id"])
+        per_item = [float(s[metric]) for s in ordered]
+        # chance: a uniform guess among each item's choices (0 for exact-answer generation)
+        chance = sum(1 / max(len(s["doc"].get("choices") or [1]), 1) for s in ordered) / len(ordered) \
+            if kind == "mc" and ordered else 0.0
         scores[name] = {"score": float(res[METRIC[kind]]), "metric": metric, "n": len(per_item),
-                        "category": category, "per_item": per_item}
+                        "category": category, "chance": chance, "per_item": per_item}
     secs = time.perf_counter() - t0
     log.info("task accuracy (%s items each) in %.1f s: %s", limit, secs,
              ", ".join(f"{k} {v['score']:.3f}" for k, v in scores.items()))

@@ -1,82 +1,209 @@
-"""Stage 4a: compare quantized against baseline measurements, check by check."""
+"""Stage 4a: compare the candidate with the baseline, check by check, each with its confidence.
+
+Every check estimates one quantity with an interval (``stats``) and decides it as a
+non-inferiority test: PASS, FAIL or INCONCLUSIVE. A measurement that is missing is
+not skipped: its check is INCONCLUSIVE and names what is missing, and the gate
+treats INCONCLUSIVE as not passed unless a person approves it.
+
+The checks:
+
+- ``perplexity``, ``next_token_accuracy``, ``kl_divergence``, ``top1_agreement``,
+  ``confident_flips``: all held-out positions;
+- ``kl:<slice>``, ``top1:<slice>``, ``flips:<slice>`` for every domain and token class
+  (``slices``): damage confined to one capability;
+- ``answers:<kind>``: the share of the short factual and numeric answers the baseline
+  knows that the candidate changed;
+- ``task:<set>``: accuracy drop on the same items, for sets whose baseline is above
+  chance (a set at chance cannot show damage; it is listed as excluded, not passed).
+"""
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
-from pydantic import BaseModel
+import numpy as np
+from pydantic import BaseModel, computed_field
 
 from ..settings import Tolerances
-from .metrics import consistency, top1_agreement
+from .answers import answer_flips
+from .metrics import consistency
+from .slices import Positions, slice_estimates, slice_masks
+from .stats import Estimate, Verdict, decide, detectable, paired_binary_drop, proportion
+
+PER_SLICE = ("kl", "top1", "flips")
 
 
 class Check(BaseModel):
     name: str
     description: str
-    baseline: float
-    quantized: float
-    delta: float
+    group: str
+    unit: str = ""
+    baseline: float | None = None
+    quantized: float | None = None
+    delta: float | None = None
+    estimate: float | None = None
+    low: float | None = None
+    high: float | None = None
+    limit: float
+    kind: Literal["max", "min"]
     threshold: str
-    passed: bool
+    verdict: Verdict
+    detectable: float | None = None
+    n: int = 0
+    note: str = ""
+
+    @computed_field
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS"
 
 
-def run_checks(baseline: dict, quantized: dict, tol: Tolerances) -> tuple[list[Check], dict]:
-    """Perplexity, next-token accuracy, top-1 agreement and greedy consistency vs. the baseline."""
-    bp, qp = baseline["perplexity"], quantized["perplexity"]
-    delta_pct = (qp["perplexity"] - bp["perplexity"]) / bp["perplexity"] * 100
-    acc_drop = (bp["next_token_accuracy"] - qp["next_token_accuracy"]) * 100
-    agree = top1_agreement(bp["top1"], qp["top1"])
-    cons = consistency(baseline["generations"], quantized["generations"])
-    cons["top1_agreement"] = agree
-    checks = [
-        Check(name="perplexity", description="held-out perplexity (delta in %)", baseline=bp["perplexity"],
-              quantized=qp["perplexity"], delta=delta_pct, threshold=f"delta <= +{tol.ppl_increase_pct:g} %",
-              passed=delta_pct <= tol.ppl_increase_pct),
-        Check(name="next_token_accuracy", description="held-out next-token accuracy (delta in points)",
-              baseline=bp["next_token_accuracy"], quantized=qp["next_token_accuracy"], delta=-acc_drop,
-              threshold=f"drop <= {tol.accuracy_drop_pct:g} points", passed=acc_drop <= tol.accuracy_drop_pct),
-        Check(name="top1_agreement", description="held-out positions with the baseline's top-1 prediction",
-              baseline=1.0, quantized=agree, delta=agree - 1.0, threshold=f">= {tol.min_top1_agreement:g}",
-              passed=agree >= tol.min_top1_agreement),
-        Check(name="greedy_consistency",
-              description="baseline greedy tokens reproduced before the first divergence",
-              baseline=1.0, quantized=cons["token_agreement"], delta=cons["token_agreement"] - 1.0,
-              threshold=f">= {tol.min_token_agreement:g}", passed=cons["token_agreement"] >= tol.min_token_agreement),
-    ]
-    if "kl" in qp:
-        checks.append(Check(name="kl_divergence", description="mean KL(baseline || quantized) per held-out token "
-                            "(nats)", baseline=0.0, quantized=qp["kl"]["mean"], delta=qp["kl"]["mean"],
-                            threshold=f"<= {tol.max_mean_kl:g}", passed=qp["kl"]["mean"] <= tol.max_mean_kl))
-    checks.extend(category_checks(baseline.get("accuracy"), quantized.get("accuracy"), tol))
-    return checks, cons
+def make_check(name: str, description: str, group: str, est: Estimate | None, limit: float,
+               kind: Literal["max", "min"], unit: str = "", baseline: float | None = None,
+               quantized: float | None = None, missing: str = "", scale: float = 1.0) -> Check:
+    """A check from an estimate (None: not measured, INCONCLUSIVE with ``missing`` as the reason)."""
+    verdict = decide(est, limit / scale, kind)
+    det = detectable(est, limit / scale, kind)
+    word = "<=" if kind == "max" else ">="
+    note = "" if est is not None else f"not measured: {missing or 'no data'}"
+    if est is not None and verdict == "INCONCLUSIVE":
+        note = (f"interval [{est.low * scale:.4g}, {est.high * scale:.4g}] straddles the limit {limit:g}: "
+                f"measure more ({est.n} positions/items, {est.units} independent units)")
+    return Check(name=name, description=description, group=group, unit=unit, baseline=baseline, quantized=quantized,
+                 delta=None if est is None else est.value * scale,
+                 estimate=None if est is None else est.value * scale,
+                 low=None if est is None else est.low * scale, high=None if est is None else est.high * scale,
+                 limit=limit, kind=kind, threshold=f"{word} {limit:g}{unit}", verdict=verdict,
+                 detectable=None if det is None else det * scale, n=0 if est is None else est.n, note=note)
 
 
-def paired_drop(b_items: list[float], q_items: list[float]) -> tuple[float, float]:
-    """Mean drop (points) over the same items and its standard error."""
-    if len(b_items) != len(q_items) or not b_items:
-        raise ValueError(f"task items differ: {len(b_items)} baseline vs {len(q_items)} quantized")
-    d = [(b - q) * 100 for b, q in zip(b_items, q_items)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
-    return mean, math.sqrt(var / n)
+def _limit(tol: Tolerances, name: str, default: float) -> float:
+    return tol.check_limits.get(name, default)
 
 
-def category_checks(b_acc: dict | None, q_acc: dict | None, tol: Tolerances) -> list[Check]:
-    """Per task set (category): the accuracy drop must stay within its tolerance plus one
-    paired standard error (the items are the same for both models, so the margin is the
-    sampling noise of the difference, not of each score)."""
-    if not b_acc or not q_acc:
-        return []
-    out = []
-    for name, b in b_acc["tasks"].items():
-        q = q_acc["tasks"].get(name)
-        if q is None:
-            continue
-        drop, se = paired_drop(b["per_item"], q["per_item"])
-        allowed = tol.category_drop_pct.get(name, tol.accuracy_drop_pct)
-        out.append(Check(name=f"task:{name}", description=f"{b['category']}: {b['metric']} on {b['n']} items "
-                         f"(delta in points)", baseline=b["score"], quantized=q["score"], delta=-drop,
-                         threshold=f"drop <= {allowed:g} points + 1 SE ({se:.1f})",
-                         passed=drop <= allowed + se))
+def divergence_checks(pos: Positions | None, classes: dict[str, np.ndarray] | None, tol: Tolerances,
+                      missing: str = "") -> list[Check]:
+    """Overall and per-slice checks from the per-position arrays (None: all INCONCLUSIVE)."""
+    out: list[Check] = []
+    masks = slice_masks(pos, classes) if pos is not None and classes is not None else {}
+    overall = slice_estimates(pos, masks["all"]) if masks else {}
+    acc = _accuracy_drop(pos) if pos is not None else None
+    base_ppl = float(np.exp(pos.nll_base.mean())) if pos is not None and len(pos.nll_base) else None
+    cand_ppl = float(np.exp(pos.nll_cand.mean())) if pos is not None and len(pos.nll_cand) else None
+    why = missing or "held-out positions of both models"
+    out.append(make_check("perplexity", "held-out perplexity change, all domains (%)", "overall",
+                          overall.get("ppl_pct"), tol.ppl_increase_pct, "max", " %", base_ppl, cand_ppl, why))
+    out.append(make_check("next_token_accuracy", "held-out next-token accuracy drop (points)", "overall", acc,
+                          tol.accuracy_drop_pct, "max", " points", missing=why, scale=100.0))
+    out.append(make_check("kl_divergence", "mean KL(baseline || quantized) per held-out position (nats)",
+                          "overall", overall.get("kl"), tol.max_mean_kl, "max", missing=why))
+    out.append(make_check("top1_agreement", "held-out positions where the quantized top-1 equals the baseline's",
+                          "overall", overall.get("top1"), tol.min_top1_agreement, "min", missing=why))
+    out.append(make_check("confident_flips", f"baseline predictions with top-1 probability >= 0.5 that the "
+                          "quantized model changes", "overall", overall.get("flips"), tol.max_flip_rate, "max",
+                          missing=why))
+    names = [n for n in masks if n != "all"] if masks else []
+    for sl in names:
+        est = slice_estimates(pos, masks[sl])
+        group = "domain" if sl.startswith("domain:") else "token class"
+        label = sl.split(":", 1)[1]
+        n_pos = int(masks[sl].sum())
+        what = f"{label} {'text' if group == 'domain' else 'tokens (read or predicted)'}, {n_pos} positions"
+        out.append(make_check(f"kl:{sl}", f"mean KL on {what}", group, est["kl"],
+                              _limit(tol, f"kl:{sl}", tol.max_slice_kl), "max",
+                              missing=f"fewer than 8 blocks of {sl} positions"))
+        out.append(make_check(f"top1:{sl}", f"top-1 agreement on {what}", group, est["top1"],
+                              _limit(tol, f"top1:{sl}", tol.min_slice_top1), "min",
+                              missing=f"fewer than 8 blocks of {sl} positions"))
+        out.append(make_check(f"flips:{sl}", f"confident predictions flipped on {what}", group, est["flips"],
+                              _limit(tol, f"flips:{sl}", tol.max_flip_rate), "max",
+                              missing=f"fewer than 8 blocks of confident {sl} positions"))
     return out
+
+
+def _accuracy_drop(pos: Positions) -> Estimate | None:
+    from .slices import _per_block
+    from .stats import block_ratio
+
+    nb, allm = pos.blocks, np.ones(len(pos.target), dtype=bool)
+    cb = (pos.top1_base == pos.target).astype(np.float64)
+    cc = (pos.top1_cand == pos.target).astype(np.float64)
+    count = np.bincount(pos.block, minlength=nb).astype(np.float64)
+    return block_ratio(np.stack([_per_block(cb, allm, pos.block, nb), _per_block(cc, allm, pos.block, nb)]),
+                       count, transform=lambda r: r[0] - r[1])
+
+
+MIN_KNOWN = 10  # fewer known answers than this cannot decide an answer check
+
+
+def answer_checks(baseline: dict, quantized: dict, tol: Tolerances) -> tuple[list[Check], dict | None]:
+    """Per kind of answer (facts, numbers): the share of the baseline's known answers lost."""
+    b, q = baseline.get("answers"), quantized.get("answers")
+    if not b or not q:
+        who = "baseline" if not b else "quantized model"
+        return [make_check(f"answers:{k}", f"{k} answers the baseline knows that changed", "answers", None,
+                           _limit(tol, f"answers:{k}", tol.max_answer_flip_rate), "max",
+                           missing=f"answers of the {who}") for k in ("fact", "number")], None
+    flips = answer_flips(b, q)
+    out = []
+    for kind, k in flips["kinds"].items():
+        est = proportion(k["lost"], k["known"]) if k["known"] >= MIN_KNOWN else None
+        out.append(make_check(f"answers:{kind}", f"{kind} answers the baseline knows that changed ({k['lost']} "
+                              f"of {k['known']} known, of {k['prompts']} prompts)", "answers", est,
+                              _limit(tol, f"answers:{kind}", tol.max_answer_flip_rate), "max",
+                              missing=f"the baseline knows only {k['known']} {kind} answers (< {MIN_KNOWN})"))
+    return out, flips
+
+
+def task_checks(b_acc: dict | None, q_acc: dict | None, wanted: list[str], tol: Tolerances
+                ) -> tuple[list[Check], list[dict]]:
+    """Per task set, the accuracy drop on the same items. A set whose baseline is not above
+    chance (its interval's lower end at or below chance) cannot show damage: it is returned
+    as excluded with the reason, never as a pass."""
+    out, excluded = [], []
+    b_tasks = (b_acc or {}).get("tasks", {})
+    q_tasks = (q_acc or {}).get("tasks", {})
+    for name in wanted:
+        allowed = tol.category_drop_pct.get(name, tol.accuracy_drop_pct)
+        b, q = b_tasks.get(name), q_tasks.get(name)
+        if b is None or q is None:
+            who = "baseline" if b is None else "quantized model"
+            out.append(make_check(f"task:{name}", f"accuracy drop on {name} (points)", "tasks", None, allowed,
+                                  "max", " points", missing=f"no {name} results for the {who}", scale=100.0))
+            continue
+        chance = float(b.get("chance", 0.0))
+        base = proportion(round(b["score"] * b["n"]), b["n"])
+        if base is not None and base.low <= chance + 1e-9:
+            excluded.append({"name": f"task:{name}", "baseline": b["score"], "chance": chance, "n": b["n"],
+                             "reason": f"the baseline ({b['score']:.3f} on {b['n']} items, lower bound "
+                                       f"{base.low:.3f}) is not above chance ({chance:.3f}): this set cannot "
+                                       "show damage on this model"})
+            continue
+        est = paired_binary_drop(b["per_item"], q["per_item"])
+        out.append(make_check(f"task:{name}", f"{b['category']}: {b['metric']} drop on {b['n']} items (points)",
+                              "tasks", est, allowed, "max", " points", b["score"], q["score"],
+                              missing="no items", scale=100.0))
+    return out, excluded
+
+
+def run_checks(baseline: dict, quantized: dict, tol: Tolerances, pos: Positions | None,
+               classes: dict[str, np.ndarray] | None, tasks: list[str], missing: str = ""
+               ) -> tuple[list[Check], dict]:
+    """All checks, and the side information the report shows (greedy consistency, answer
+    flips, excluded task sets)."""
+    checks = divergence_checks(pos, classes, tol, missing)
+    ans, flips = answer_checks(baseline, quantized, tol)
+    checks.extend(ans)
+    tchecks, excluded = task_checks(baseline.get("accuracy"), quantized.get("accuracy"), tasks, tol)
+    checks.extend(tchecks)
+    cons = consistency(baseline["generations"], quantized["generations"])
+    cons["top1_agreement"] = next((c.estimate for c in checks if c.name == "top1_agreement"), None)
+    return checks, {"consistency": cons, "answers": flips, "excluded": excluded}
+
+
+def overall_verdict(checks: list[Check]) -> Verdict:
+    if any(c.verdict == "FAIL" for c in checks):
+        return "FAIL"
+    if any(c.verdict == "INCONCLUSIVE" for c in checks):
+        return "INCONCLUSIVE"
+    return "PASS"

@@ -8,6 +8,8 @@ be located exactly.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import math
@@ -64,27 +66,81 @@ def heldout_token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[int]
     return ids[:max_tokens]
 
 
+MIN_WINDOW = 16  # a domain's last window shorter than this is dropped
+
+
+def heldout_segments(tokenizer, domains: dict[str, list[dict]], per_domain: int,
+                     window: int) -> tuple[list[int], list[tuple[int, int, str]], dict[str, str]]:
+    """The held-out token stream, domain after domain, each up to ``per_domain`` tokens and
+    cut into windows that never cross a domain: (ids, windows as (start, length, domain),
+    domains skipped with the reason). Chat rows (``messages``) are rendered with the
+    model's own chat template; documents are separated by EOS, as in ``heldout_token_ids``."""
+    ids: list[int] = []
+    windows: list[tuple[int, int, str]] = []
+    skipped: dict[str, str] = {}
+    sep = tokenizer.eos_token_id
+    for name, rows in domains.items():
+        seg: list[int] = []
+        for r in rows:
+            if "messages" in r:
+                if not getattr(tokenizer, "chat_template", None):
+                    skipped[name] = "the tokenizer has no chat template"
+                    break
+                text = tokenizer.apply_chat_template(r["messages"], tokenize=False)
+            else:
+                text = r["text"]
+            seg.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if sep is not None:
+                seg.append(sep)
+            if len(seg) >= per_domain:
+                break
+        seg = seg[:per_domain]
+        if name in skipped:
+            continue
+        start, used = len(ids), 0
+        for i in range(0, len(seg), window):
+            n = min(window, len(seg) - i)
+            if n < MIN_WINDOW:
+                break
+            windows.append((start + i, n, name))
+            used = i + n
+        if not used:
+            skipped[name] = f"only {len(seg)} tokens of text"
+        ids.extend(seg[:used])
+    return ids, windows, skipped
+
+
 TOPK = 32
 
 
-def perplexity(model, token_ids: list[int], window: int, reference: dict | None = None, batch: int = 1) -> dict:
+def perplexity(model, token_ids: list[int], window: int, reference: dict | None = None, batch: int = 1,
+               lengths: list[int] | None = None) -> dict:
     """Mean next-token NLL over non-overlapping windows -> perplexity, plus at every position
     the model's top-1 prediction and its top-``TOPK`` log-probabilities (``dist``, for use
     as the reference of another model). With ``reference`` (a baseline's ``dist``) it also
     returns the KL divergence KL(baseline || model) per position, computed over the
     baseline's top-k tokens plus one bucket for the rest of the vocabulary (a lower bound
     of the full KL, tight when the baseline's mass sits in its top-k). ``batch`` windows
-    of equal length go through the model together."""
+    of equal length go through the model together. ``lengths``: the windows' lengths in
+    order (contiguous in ``token_ids``; default: ``window`` each). ``per_position`` holds
+    each position's NLL, top-1 and (with ``reference``) KL, for the slice checks."""
     import torch
 
     t0 = time.perf_counter()
     dev = device_of(model)
     body, head = parts(model)
-    windows = [token_ids[i:i + window] for i in range(0, len(token_ids), window)]
-    windows = [w for w in windows if len(w) > 1]
+    if lengths is None:
+        lengths = [min(window, len(token_ids) - i) for i in range(0, len(token_ids), window)]
+        if lengths and lengths[-1] < 2:  # a lone last token predicts nothing
+            lengths.pop()
+            token_ids = token_ids[:sum(lengths)]
+    if sum(lengths) != len(token_ids) or min(lengths, default=2) < 2:
+        raise ValueError(f"window lengths {lengths[:4]}... do not tile {len(token_ids)} held-out tokens")
+    starts = [0, *itertools.accumulate(lengths)][:-1]
+    windows = [token_ids[s0:s0 + n] for s0, n in zip(starts, lengths)]
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
-    top1, topk_ids, topk_logp, kls = [], [], [], []
+    top1, topk_ids, topk_logp, kls, nlls = [], [], [], [], []
     pos = off = 0
     # everything stays on the device until the end: no host sync between windows
     all_ids = torch.tensor(token_ids, dtype=torch.long).to(dev)
@@ -101,7 +157,9 @@ def perplexity(model, token_ids: list[int], window: int, reference: dict | None 
                 logits = raw.float()
                 lse = torch.logsumexp(logits, -1)  # log p = logit - lse (a log_softmax without its copy)
                 tgt = x[r, 1:]
-                nll += (lse - logits.gather(1, tgt[:, None])[:, 0]).sum(dtype=torch.float64)
+                pos_nll = lse - logits.gather(1, tgt[:, None])[:, 0]
+                nlls.append(pos_nll)
+                nll += pos_nll.sum(dtype=torch.float64)
                 pred = raw.argmax(-1)
                 correct += (pred == tgt).sum()
                 top1.append(pred)
@@ -124,15 +182,18 @@ def perplexity(model, token_ids: list[int], window: int, reference: dict | None 
     top1 = torch.cat(top1).tolist()
     topk_ids, topk_logp = [t.cpu() for t in topk_ids], [t.cpu() for t in topk_logp]
     kls = [k.cpu() for k in kls]
+    per_position = {"nll": torch.cat(nlls).float().cpu(), "top1": torch.tensor(top1, dtype=torch.int32)}
     secs = time.perf_counter() - t0
     ppl = math.exp(nll / count)
     log.info("perplexity %.3f over %d tokens (%d windows, %d per forward) in %.1f s (%.0f tokens/s)",
              ppl, count, len(windows), batch, secs, count / secs)
     out = {"perplexity": ppl, "nll": nll / count, "tokens": count, "seconds": round(secs, 2),
            "next_token_accuracy": correct / count, "top1": top1,
-           "dist": {"topk_ids": torch.cat(topk_ids), "topk_logp": torch.cat(topk_logp).half()}}
+           "dist": {"topk_ids": torch.cat(topk_ids), "topk_logp": torch.cat(topk_logp).half()},
+           "per_position": per_position}
     if kls:
         kl = torch.cat(kls)
+        per_position["kl"] = kl.float()
         out["kl"] = {"mean": float(kl.mean()), "p95": float(kl.quantile(0.95)), "max": float(kl.max()),
                      "histogram": _histogram(kl)}
     return out
@@ -174,31 +235,47 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
     return out
 
 
-def measure(path: Path, heldout_texts: list[str], s: EvalSettings, tasks_dir: Path | None = None,
+Heldout = "dict[str, list[dict]] | list[str]"
+
+
+def as_domains(heldout) -> dict[str, list[dict]]:
+    """Held-out text as domain -> rows; a plain list of texts is the ``prose`` domain."""
+    if isinstance(heldout, dict):
+        return heldout
+    return {"prose": [{"text": t} for t in heldout]}
+
+
+def measure(path: Path, heldout: Heldout, s: EvalSettings, tasks_dir: Path | None = None,
             reference: dict | None = None, keep_model: bool = False,
             placement: Placement | None = None) -> dict:
-    """Everything validation compares: perplexity (+KL against ``reference``), greedy outputs
-    and task accuracy. One model load. ``dist`` (tensors) is returned for the caller to store."""
+    """Everything validation compares: perplexity (+KL against ``reference``) per held-out
+    domain, greedy outputs, answers to the answer-flip prompts and task accuracy. One model
+    load. ``dist`` (tensors) is returned for the caller to store."""
     placement = placement or resolve_placement()
     t0 = time.perf_counter()
     model, tok = load_model(path, placement)
-    out = measure_loaded(model, tok, heldout_texts, s, tasks_dir, reference, placement)
+    out = measure_loaded(model, tok, heldout, s, tasks_dir, reference, placement)
     out["load_seconds"] = round(time.perf_counter() - t0 - out["measure_seconds"], 2)
     if keep_model:
-        out["model"] = model
+        out["model"], out["tokenizer"] = model, tok
     return out
 
 
-def measure_loaded(model, tok, heldout_texts: list[str], s: EvalSettings, tasks_dir: Path | None,
+def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks_dir: Path | None,
                    reference: dict | None, placement: Placement) -> dict:
     """``measure`` on a model already in memory (the GPU benchmark builds one there). On a
     GPU, task accuracy runs beside perplexity and greedy generation (``engine.overlapped``);
     the figures are those of running them one after another."""
+    from .answers import answer_prompts
+
     t0 = time.perf_counter()
     want_tasks = tasks_dir is not None and s.task_limit > 0 and bool(s.tasks)
+    asks = answer_prompts()
 
     def generations():
-        return greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens, placement)
+        gens = greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens, placement)
+        answers = greedy_generate(model, tok, [a["prompt"] for a in asks], s.answer_tokens, placement)
+        return gens, [{**a, "text": g["text"]} for a, g in zip(asks, answers)]
 
     def tasks():
         if not want_tasks:
@@ -208,20 +285,30 @@ def measure_loaded(model, tok, heldout_texts: list[str], s: EvalSettings, tasks_
         return task_accuracy(model, tok, tasks_dir, list(s.tasks), s.task_limit, placement=placement)
 
     def held_out():
-        ids = heldout_token_ids(tok, heldout_texts, s.ppl_max_tokens)
-        return perplexity(model, ids, s.ppl_window, reference, batch=placement.ppl_batch), ids
+        ids, windows, skipped = heldout_segments(tok, as_domains(heldout), s.ppl_max_tokens, s.ppl_window)
+        if not windows:
+            raise ValueError("no held-out text to measure: every domain was skipped " + json.dumps(skipped))
+        ppl = perplexity(model, ids, s.ppl_window, reference, batch=placement.ppl_batch,
+                         lengths=[n for _, n, _ in windows])
+        info = {"windows": [[n, d] for _, n, d in windows], "skipped": skipped, "tokens": len(ids),
+                "sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
+        return ppl, ids, windows, info
 
     with attention_kernels(placement):
         if placement.overlap and placement.device == "cuda":
             # perplexity's large GEMMs here; greedy decoding (latency-bound) and lm-eval
             # (partly CPU-bound) each on its own stream beside it
             # (decode steps on a high-priority stream: they slip in between the GEMMs' blocks)
-            (ppl, ids), gens, acc = overlapped(held_out, generations, tasks, priorities=(-1, 0))
+            (ppl, ids, windows, info), (gens, answers), acc = overlapped(held_out, generations, tasks,
+                                                                         priorities=(-1, 0))
         else:
-            (ppl, ids), gens, acc = held_out(), generations(), tasks()
+            (ppl, ids, windows, info), (gens, answers), acc = held_out(), generations(), tasks()
     dist = ppl.pop("dist")
-    out = {"perplexity": ppl, "generations": gens, "settings": s.model_dump(), "engine": placement.kind,
-           "dist": dist, "heldout_ids": ids}
+    per_position = ppl.pop("per_position")
+    dist.update({"nll": per_position["nll"], "top1": per_position["top1"]})
+    out = {"perplexity": ppl, "generations": gens, "answers": answers, "settings": s.model_dump(mode="json"),
+           "engine": placement.kind, "heldout": info, "dist": dist, "per_position": per_position,
+           "heldout_ids": ids, "windows": windows}
     if acc is not None:
         out["accuracy"] = acc
     out["measure_seconds"] = round(time.perf_counter() - t0, 2)

@@ -8,7 +8,8 @@ import io
 import json
 import time
 
-from .checks import Check
+from .checks import Check, overall_verdict
+from .stats import CONFIDENCE
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -23,8 +24,10 @@ def build_report(*, run_id: str, model: dict, quantization: dict, baseline: dict
     return {
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "passed": all(c.passed for c in checks),
-        "failed_checks": [c.name for c in checks if not c.passed],
+        "verdict": overall_verdict(checks),
+        "passed": overall_verdict(checks) == "PASS",
+        "failed_checks": [c.name for c in checks if c.verdict == "FAIL"],
+        "inconclusive_checks": [c.name for c in checks if c.verdict == "INCONCLUSIVE"],
         "model": model,
         "quantization": quantization,
         "checks": [c.model_dump() for c in checks],
@@ -42,8 +45,10 @@ def _plot_png(report: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7))
-    (a, b), (c, d) = axes
+    fig, axes = plt.subplots(3, 2, figsize=(12, 10.5))
+    (a, b), (c, d), (e1, e2) = axes
+    _slice_panel(e1, report, "kl:", "Mean KL per slice (bar) and its interval; limit dashed")
+    _slice_panel(e2, report, "top1:", "Top-1 agreement per slice and its interval; limit dashed")
     acc = report.get("accuracy") or {}
     bt, qt = (acc.get("baseline") or {}).get("tasks", {}), (acc.get("quantized") or {}).get("tasks", {})
     names = [n for n in bt if n in qt]
@@ -83,6 +88,27 @@ def _plot_png(report: dict) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _interval(c: dict) -> str:
+    return "" if c.get("low") is None else f"[{c['low']:.4g}, {c['high']:.4g}]"
+
+
+def _slice_panel(ax, report: dict, prefix: str, title: str) -> None:
+    rows = [c for c in report["checks"] if c["name"].startswith(prefix)]
+    if not rows:
+        ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center")
+    for i, c in enumerate(rows):
+        colour = {"PASS": "#2a7", "FAIL": "#c33"}.get(c["verdict"], "#e90")
+        if c["estimate"] is None:
+            ax.text(0, i, " not measured", va="center", color=colour)
+            continue
+        ax.barh(i, c["estimate"], color=colour, alpha=0.6)
+        ax.plot([c["low"], c["high"]], [i, i], color="#333")
+        ax.plot([c["limit"]] * 2, [i - 0.4, i + 0.4], "--", color="#333")
+    ax.set_yticks(range(len(rows)), [c["name"].removeprefix(prefix) for c in rows])
+    ax.invert_yaxis()
+    ax.set_title(title)
+
+
 def _remediation_html(report: dict) -> str:
     r = report.get("remediation")
     if not r:
@@ -94,13 +120,25 @@ def _remediation_html(report: dict) -> str:
 
 def render_html(report: dict) -> str:
     e = html.escape
-    verdict = "PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failed_checks"])
-    color = "#2a7" if report["passed"] else "#c33"
+    verdict = {"PASS": "PASSED", "FAIL": "FAILED: " + ", ".join(report["failed_checks"]),
+               "INCONCLUSIVE": "INCONCLUSIVE (not a pass): " + ", ".join(report.get("inconclusive_checks", []))
+               }[report.get("verdict", "PASS" if report["passed"] else "FAIL")]
+    color = {"PASSED": "#2a7"}.get(verdict, "#c33")
+    num = lambda x: "" if x is None else f"{x:.4g}"  # noqa: E731
     rows = "".join(
-        f"<tr><td>{e(c['name'])}</td><td>{e(c['description'])}</td><td>{c['baseline']:.4g}</td>"
-        f"<td>{c['quantized']:.4g}</td><td>{c['delta']:+.4g}</td><td>{e(c['threshold'])}</td>"
-        f"<td style='color:{'#2a7' if c['passed'] else '#c33'}'>{'pass' if c['passed'] else 'FAIL'}</td></tr>"
+        f"<tr class='{c['verdict'].lower()}'><td>{e(c['name'])}</td><td>{e(c['description'])}</td>"
+        f"<td>{num(c.get('baseline'))}</td><td>{num(c.get('quantized'))}</td><td>{num(c.get('estimate'))}</td>"
+        f"<td>{_interval(c)}</td>"
+        f"<td>{e(c['threshold'])}</td><td>{num(c.get('detectable'))}</td><td>{c.get('n', '')}</td>"
+        f"<td style='color:{ {'PASS': '#2a7', 'FAIL': '#c33'}.get(c['verdict'], '#e90')}'><b>{c['verdict']}</b>"
+        f"{'<br><small>' + e(c['note']) + '</small>' if c.get('note') else ''}</td></tr>"
         for c in report["checks"])
+    excluded = "".join(f"<li><b>{e(x['name'])}</b>: {e(x['reason'])}</li>" for x in report.get("excluded_checks") or [])
+    ans = report.get("answers") or {}
+    answers = "".join(f"<tr><td><code>{e(r['prompt'])}</code></td><td>{e(str(r.get('expected')))}</td>"
+                      f"<td>{e(r['baseline'])}</td><td>{e(r['quantized'])}</td>"
+                      f"<td>{'changed' if r['flipped'] else ''}</td></tr>"
+                      for r in ans.get("per_prompt", []) if r["flipped"])
     gens = "".join(
         f"<tr><td><code>{e(x['prompt'])}</code></td><td>{e(x['baseline'])}</td><td>{e(x['quantized'])}</td>"
         f"<td>{'same' if x['exact'] else 'token ' + str(x['first_divergence'])}</td></tr>"
@@ -115,10 +153,18 @@ vertical-align:top}}table{{border-collapse:collapse}}.v{{font-size:1.6em;color:{
 ({m.get('num_parameters', 0) / 1e6:.1f}M parameters), method <b>{e(q.get('method', ''))}</b>
 scheme <b>{e(q.get('scheme', ''))}</b>; size {m.get('size_bytes', 0) / 1e6:.1f} MB -> {q.get('size_bytes', 0) / 1e6:.1f} MB;
 quantization {q.get('seconds', 0):.1f} s.</p>
-<h2>Checks</h2><table><tr><th>check</th><th>what</th><th>baseline</th><th>quantized</th><th>delta</th>
-<th>threshold</th><th>result</th></tr>{rows}</table>
+<h2>Checks</h2><p>Each check: its estimate with a {int(CONFIDENCE * 100)} % interval (paired block bootstrap
+over held-out positions, Agresti-Min for paired task items, Wilson for answer flips), decided as a
+non-inferiority test: PASS when the whole interval is within the limit, FAIL when it is wholly beyond,
+INCONCLUSIVE otherwise (not a pass). <i>Detectable</i>: the value at which this measurement would
+fail the check with 80 % probability, the smallest degradation it could catch.</p>
+<table><tr><th>check</th><th>what</th><th>baseline</th><th>quantized</th><th>estimate</th><th>interval</th>
+<th>limit</th><th>detectable</th><th>n</th><th>verdict</th></tr>{rows}</table>
+<h3>Not checked</h3><ul>{excluded or "<li>none</li>"}</ul>
+<h2>Answer flips</h2><p>{ans.get('flipped', '?')} of {ans.get('n', '?')} short answers changed.</p>
+<table><tr><th>prompt (last line)</th><th>expected</th><th>baseline</th><th>quantized</th><th></th></tr>{answers}</table>
 <h2>Plots</h2><img alt="plots" src="data:image/png;base64,{_plot_png(report)}">
-<h2>Greedy outputs</h2><p>top-1 agreement on held-out text {report['consistency'].get('top1_agreement', 0):.3f};
+<h2>Greedy outputs</h2><p>top-1 agreement on held-out text {report['consistency'].get('top1_agreement') or 0:.3f};
 greedy exact-match rate {report['consistency']['exact_match_rate']:.2f},
 token agreement {report['consistency']['token_agreement']:.3f}</p>
 <table><tr><th>prompt</th><th>baseline</th><th>quantized</th><th>divergence</th></tr>{gens}</table>

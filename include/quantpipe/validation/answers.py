@@ -1,0 +1,77 @@
+"""Answer flips: fixed prompts with a short factual or numeric answer.
+
+Baseline and candidate answer each prompt greedily; the answer is the first word or
+number of the continuation. The gated measure, per kind of answer (``fact``,
+``number``), is the share of the answers the baseline *knows* (gets right) that the
+candidate changes: a small model's guesses flip under any perturbation, but what it
+knows a sound quantization keeps (measured: FP8 lost 1 of 28 known facts and 1 of 25
+known sums; a planted swap of capital-city tokens lost 14 of 28). All flips are
+reported too. Prompts are built deterministically, so every run asks the same questions.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+_CAPITALS = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+             ("Japan", "Tokyo"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Greece", "Athens"),
+             ("Canada", "Ottawa"), ("Australia", "Canberra"), ("China", "Beijing"), ("India", "New"),
+             ("Portugal", "Lisbon"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"),
+             ("Austria", "Vienna"), ("Ireland", "Dublin"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
+             ("Argentina", "Buenos"), ("Mexico", "Mexico"), ("Turkey", "Ankara"), ("Thailand", "Bangkok"),
+             ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Hungary", "Budapest"), ("Cuba", "Havana"))
+_FACTS = (("The chemical symbol for gold is", "Au"), ("The largest planet in our solar system is", "Jupiter"),
+          ("The closest star to Earth is the", "Sun"), ("Water is made of hydrogen and", "oxygen"),
+          ("The first president of the United States was George", "Washington"),
+          ("The author of Romeo and Juliet is William", "Shakespeare"), ("The opposite of hot is", "cold"),
+          ("The color of a clear daytime sky is", "blue"), ("A baby cat is called a", "kitten"),
+          ("The number of days in a week is", "seven"), ("The freezing point of water in Celsius is", "0"),
+          ("The planet known as the Red Planet is", "Mars"), ("Bees make", "honey"),
+          ("The longest river in Africa is the", "Nile"), ("The fastest land animal is the", "cheetah"),
+          ("The language spoken in Brazil is", "Portuguese"))
+_FEWSHOT_ADD = "2 + 2 = 4\n3 + 5 = 8\n7 + 1 = 8\n"
+_FEWSHOT_MUL = "2 * 3 = 6\n4 * 2 = 8\n3 * 3 = 9\n"
+_FEWSHOT_SUB = "9 - 4 = 5\n7 - 2 = 5\n8 - 3 = 5\n"
+_WORD = re.compile(r"[A-Za-z]+|\d+(?:\.\d+)?")
+
+
+def answer_prompts(seed: int = 0) -> list[dict]:
+    """~160 prompts: capitals, facts, and sums, products and differences of small numbers
+    (few-shot, so even a small model answers with a number)."""
+    rng = random.Random(seed)
+    out = [{"prompt": f"The capital of {c} is", "expected": a, "kind": "fact"} for c, a in _CAPITALS]
+    out += [{"prompt": p, "expected": a, "kind": "fact"} for p, a in _FACTS]
+    for shots, op, f in ((_FEWSHOT_ADD, "+", lambda a, b: a + b), (_FEWSHOT_MUL, "*", lambda a, b: a * b),
+                         (_FEWSHOT_SUB, "-", lambda a, b: a - b)):
+        for _ in range(40):
+            a, b = rng.randrange(2, 20), rng.randrange(1, 10)
+            if op == "-" and b > a:
+                a, b = b, a
+            out.append({"prompt": f"{shots}{a} {op} {b} =", "expected": str(f(a, b)), "kind": "number"})
+    return out
+
+
+def first_answer(text: str) -> str:
+    """The first word or number of a continuation, lower-cased ('' when there is none)."""
+    m = _WORD.search(text.split("\n", 1)[0] if text.strip() else "")
+    return m.group(0).lower() if m else ""
+
+
+def answer_flips(baseline: list[dict], candidate: list[dict]) -> dict:
+    """Per prompt: both answers and whether the answer changed. Prompts must match one to one."""
+    if [b["prompt"] for b in baseline] != [c["prompt"] for c in candidate]:
+        raise ValueError("answer prompts differ between baseline and candidate")
+    rows = []
+    for b, c in zip(baseline, candidate):
+        ba, ca = first_answer(b["text"]), first_answer(c["text"])
+        rows.append({"prompt": b["prompt"].split("\n")[-1], "kind": b.get("kind", ""), "expected": b.get("expected"),
+                     "baseline": ba, "quantized": ca, "flipped": ba != ca})
+    flipped = sum(r["flipped"] for r in rows)
+    kinds = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        known = [r for r in rows if r["kind"] == kind and r["baseline"] == str(r["expected"]).lower()]
+        kinds[kind] = {"known": len(known), "lost": sum(r["flipped"] for r in known),
+                       "prompts": sum(r["kind"] == kind for r in rows)}
+    return {"flipped": flipped, "n": len(rows), "rate": flipped / len(rows) if rows else None, "kinds": kinds,
+            "per_prompt": rows}
