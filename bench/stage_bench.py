@@ -85,7 +85,7 @@ def main() -> None:
         bits = 8 if method in ("fp8", "w8a8") else 4
         conf = {"method": method, "bits": bits, "calibration_samples": a.samples, "max_seq_length": a.seq,
                 "run_name": f"bench-{method}", "ppl_increase_pct": 1000, "accuracy_drop_pct": 100,
-                "min_top1_agreement": 0, "min_token_agreement": 0, "max_mean_kl": 100, "remediation": False,
+                "min_top1_agreement": 0, "max_mean_kl": 100, "remediation": False,
                 "deploy": False}
         os.environ["QUANTPIPE_ARTIFACT_ROOT"] = str(base / f"direct-{method}")
         res = direct(conf)

@@ -25,10 +25,10 @@ from .prep.checkpoint import resolve_model_uri, verify_checkpoint
 from .quantization.recipes import check_group_size
 from .quantization.run import PROVENANCE, quantize
 from .settings import Environment, PipelineParams
-from .validation.checks import run_checks
+from .validation.checks import overall_verdict, run_checks, uninformative
 from .validation.slices import Positions, positions_from, token_class_table
 from .validation.engine import resolve_placement
-from .validation.metrics import load_model, measure
+from .validation.metrics import load_model, measure, measure_loaded
 from .validation.sensitivity import most_sensitive, sensitivity
 from .validation.report import REPORT_HTML, REPORT_JSON, build_report, render_html
 
@@ -189,37 +189,44 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     p, env, store = _ctx(params)
     placement = resolve_placement()
     heldout, heldout_hash = heldout_for(env.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
-    bfolder = _local(prep["baseline_uri"])
-    baseline = json.loads((bfolder / BASELINE_FILE).read_text())
-    tasks = builtin_tasks(env.cache_dir) if p.evaluation.task_limit else None
-    b_hash = (baseline.get("heldout") or {}).get("content_sha256")
-    if baseline.get("engine", "cpu-float32") != placement.kind or b_hash != heldout_hash:
-        # prep ran on another kind of worker, or on other held-out text: compare like with like
-        log.info("baseline was measured on %s (held-out %s), this worker evaluates on %s (held-out %s): "
-                 "measuring the matching baseline", baseline.get("engine", "cpu-float32"), (b_hash or "?")[:12],
-                 placement.kind, heldout_hash[:12])
-        uri, baseline, _ = compute_baseline(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"],
-                                            heldout, heldout_hash, p.evaluation, tasks, placement)
-        bfolder = uri_to_path(uri)
     qpath = _local(quant["quantized_uri"])
-    reference = load_reference(bfolder)
-    quantized = measure(qpath, heldout, p.evaluation, tasks_dir=tasks, reference=reference,
-                        keep_model=True, placement=placement)
-    quantized.pop("dist")
-    qmodel, tok = quantized.pop("model"), quantized.pop("tokenizer")
-    pos, missing = _positions(baseline, quantized, reference)
-    classes = _token_classes(tok, env.cache_dir)
+    s, t0, rounds = p.evaluation, time.perf_counter(), []
+    qmodel = tok = classes = None
+    while True:
+        tasks = builtin_tasks(env.cache_dir) if s.task_limit else None
+        baseline, bfolder = _matching_baseline(store, prep, heldout, heldout_hash, s, tasks, placement)
+        reference = load_reference(bfolder)
+        if qmodel is None:
+            quantized = measure(qpath, heldout, s, tasks_dir=tasks, reference=reference, keep_model=True,
+                                placement=placement)
+            qmodel, tok = quantized.pop("model"), quantized.pop("tokenizer")
+        else:
+            quantized = measure_loaded(qmodel, tok, heldout, s, tasks, reference, placement)
+        quantized.pop("dist")
+        pos, missing = _positions(baseline, quantized, reference)
+        classes = classes if classes is not None else _token_classes(tok, env.cache_dir)
+        wanted = list(s.tasks) if tasks is not None else []
+        checks, side = run_checks(baseline, quantized, p.tolerances, pos, classes, wanted, missing)
+        verdict = overall_verdict(checks)
+        rounds.append({"ppl_max_tokens": s.ppl_max_tokens, "task_limit": s.task_limit, "verdict": verdict,
+                       "inconclusive": [c.name for c in checks if c.verdict == "INCONCLUSIVE"],
+                       "seconds": round(time.perf_counter() - t0, 1)})
+        more = escalate(s, checks, baseline.get("accuracy"), time.perf_counter() - t0, len(rounds))
+        if more is None:
+            break
+        log.info("round %d %s (%s inconclusive): measuring more, %s", len(rounds), verdict,
+                 ", ".join(rounds[-1]["inconclusive"]), {k: v for k, v in more.model_dump().items()
+                                                         if v != s.model_dump()[k]})
+        s = more
     ids = quantized.pop("heldout_ids")
     for k in ("per_position", "windows"):
         quantized.pop(k)
     sens = None
-    if p.evaluation.sensitivity_layers:
+    if s.sensitivity_layers:
         bmodel, _ = load_model(_local(prep["checkpoint_uri"]), placement)
-        sens = sensitivity(bmodel, qmodel, ids, p.evaluation.ppl_window, p.evaluation.sensitivity_layers)
+        sens = sensitivity(bmodel, qmodel, ids, s.ppl_window, s.sensitivity_layers)
         del bmodel
     del qmodel
-    wanted = list(p.evaluation.tasks) if tasks is not None else []
-    checks, side = run_checks(baseline, quantized, p.tolerances, pos, classes, wanted, missing)
     for c in checks:
         log.info("check %-28s %s estimate %s interval [%s, %s] limit %s (n=%d)%s", c.name, c.verdict,
                  _fmt(c.estimate), _fmt(c.low), _fmt(c.high), c.threshold, c.n, f": {c.note}" if c.note else "")
@@ -232,6 +239,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
         quantization={**quant, "provenance": prov}, baseline=baseline, quantized=quantized,
         checks=checks, consistency=side["consistency"], tolerances=p.tolerances.model_dump())
     report["answers"] = side["answers"]
+    report["measurement_rounds"] = rounds
     report["excluded_checks"] = side["excluded"]
     report["heldout"] = {k: v for k, v in quantized["heldout"].items() if k != "windows"}
     report["heldout"]["domains"] = {d: sum(n for n, dd in quantized["heldout"]["windows"] if dd == d)
@@ -266,6 +274,48 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
             "next_token_accuracy_quantized": quantized["perplexity"]["next_token_accuracy"],
             "sensitive_layers": most_sensitive(sens, 16) if sens else [],
             "quant": quant, "settings": params, **({"attempt": extra["remediation"]["attempt"]} if extra else {})}
+
+
+def _matching_baseline(store: ArtifactStore, prep: dict, heldout: dict, heldout_hash: str, s, tasks,
+                       placement) -> tuple[dict, Path]:
+    """The baseline measured exactly as the candidate will be: prep's when it matches (device
+    kind, held-out text, evaluation settings), else the one cached or measured for these."""
+    bfolder = _local(prep["baseline_uri"])
+    baseline = json.loads((bfolder / BASELINE_FILE).read_text())
+    same = (baseline.get("engine", "cpu-float32") == placement.kind and baseline.get("settings") == s.model_dump(mode="json")
+            and (baseline.get("heldout") or {}).get("content_sha256") == heldout_hash)
+    if same:
+        return baseline, bfolder
+    log.info("baseline from prep was measured otherwise (%s); using the baseline for %s on %s",
+             baseline.get("engine", "cpu-float32"), {"ppl_max_tokens": s.ppl_max_tokens, "task_limit": s.task_limit},
+             placement.kind)
+    uri, baseline, _ = compute_baseline(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"], heldout,
+                                        heldout_hash, s, tasks, placement)
+    return baseline, uri_to_path(uri)
+
+
+MAX_ROUNDS = 3  # the first measurement and at most two larger ones
+
+
+def escalate(s, checks: list, b_acc: dict | None, elapsed: float, rounds: int):
+    """Larger evaluation settings when the verdict is INCONCLUSIVE and more data can decide it:
+    twice the held-out tokens per domain when a divergence check is undecided, twice the task
+    items when a task check is (up to the sets' sizes); None when there is nothing to gain, no
+    rounds are left, or the next round (about twice this one) would overrun ``time_budget_s``."""
+    if overall_verdict(checks) != "INCONCLUSIVE" or rounds >= MAX_ROUNDS:
+        return None
+    if elapsed / rounds * 2 * 1.2 > s.time_budget_s - elapsed:
+        log.info("INCONCLUSIVE after %.0f s; a larger measurement would overrun time_budget_s=%d", elapsed,
+                 s.time_budget_s)
+        return None
+    undecided = {c.group for c in checks if c.verdict == "INCONCLUSIVE"}
+    update = {}
+    if undecided & {"overall", "domain", "token class"} and s.ppl_max_tokens * 2 <= 1_000_000:
+        update["ppl_max_tokens"] = s.ppl_max_tokens * 2
+    sizes = [t["n"] for t in ((b_acc or {}).get("tasks") or {}).values()]
+    if "tasks" in undecided and s.task_limit and sizes and max(sizes) >= s.task_limit:
+        update["task_limit"] = min(s.task_limit * 2, 5000)
+    return s.model_copy(update=update) if update else None
 
 
 def _fmt(x: float | None) -> str:

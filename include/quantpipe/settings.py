@@ -113,6 +113,10 @@ class EvalSettings(_Frozen):
                                    description="lm-eval task sets scored; qp_mmlu is also available (long "
                                                "prompts: slow on CPU)")
     sensitivity_layers: int = Field(8, ge=0, le=512, title="Layers probed for loss impact")
+    time_budget_s: int = Field(1800, ge=0, le=86400, title="Measurement time budget (s)",
+                               description="When a verdict is inconclusive, validation measures more (twice "
+                                           "the held-out tokens or task items, up to two more rounds) while "
+                                           "the next round fits in this budget")
 
 
 class EvalEngine(_Frozen):
@@ -154,8 +158,11 @@ class Tolerances(_Frozen):
     max_mean_kl: float = Field(0.25, ge=0, title="KL divergence ceiling (nats)",
                                description="Largest accepted mean KL(baseline || quantized) of next-token "
                                            "distributions on held-out text")
+    task_drop_pct: float = Field(10.0, ge=0, le=100, title="Task accuracy tolerance (points)",
+                                 description="Largest accepted accuracy drop on a task set, in points (the "
+                                             "report states the smallest drop each set could detect)")
     category_drop_pct: dict[str, float] = Field(default_factory=dict, title="Per-category tolerances (points)",
-                                                description="Override accuracy_drop_pct for a task set, e.g. "
+                                                description="Override task_drop_pct for a task set, e.g. "
                                                             '{"qp_asdiv": 10}')
     max_flip_rate: float = Field(0.2, ge=0, le=1, title="Confident-flip ceiling",
                                  description="Largest accepted share of the baseline's confident predictions "
@@ -251,9 +258,10 @@ class PipelineParams(_Frozen):
                 **pick(("seed",)),
             }),
             evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens", "task_limit",
-                                            "sensitivity_layers", "eval_domains_path"))),
+                                            "sensitivity_layers", "eval_domains_path",
+                                            "time_budget_s"))),
             tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_top1_agreement",
-                                          "max_mean_kl", "category_drop_pct", "max_flip_rate", "max_slice_kl",
+                                          "max_mean_kl", "task_drop_pct", "category_drop_pct", "max_flip_rate", "max_slice_kl",
                                           "min_slice_top1", "max_answer_flip_rate", "check_limits",
                                           "inconclusive", "review_all", "review_timeout_minutes"))),
             remediation=RemediationSettings(**{

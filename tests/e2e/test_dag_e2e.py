@@ -65,7 +65,11 @@ def test_fp8_run_passes_the_gate_and_publishes(dag, artifact_root):
     assert 5 < ppl["baseline"] < 100 and ppl["baseline"] != ppl["quantized"]
     assert abs(ppl["delta"]) < 10
     names = {c["name"] for c in rep["checks"]}
-    assert {"kl_divergence", "top1_agreement", "task:qp_piqa", "task:qp_asdiv"} <= names
+    assert {"kl_divergence", "top1_agreement", "kl:domain:code", "top1:class:digits", "answers:fact"} <= names
+    # every task set is either checked or excluded with its reason (4 items cannot show damage)
+    excluded = {x["name"]: x["reason"] for x in rep["excluded_checks"]}
+    assert {"task:qp_piqa", "task:qp_asdiv"} <= names | set(excluded) and all(excluded.values())
+    assert all(c["verdict"] == "PASS" and c["low"] <= c["estimate"] <= c["high"] for c in rep["checks"])
     assert 0 < rep["kl"]["mean"] < 0.25 and len(rep["sensitivity"]["layers"]) == 210
     assert rep["accuracy"]["baseline"]["tasks"]["qp_piqa"]["n"] == 4
     pointer = json.loads((artifact_root / "approved" / "e2e-fp8.json").read_text())
@@ -95,7 +99,7 @@ def test_gptq_run_reports_real_figures_and_reuses_the_baseline(dag, artifact_roo
     assert rep["quantization"]["scheme"] == "W4A16_ASYM"  # the default 4-bit GPTQ recipe
     # 4-bit weights move perplexity more than FP8 does, but stay in a sane range
     assert 0 < checks["perplexity"]["delta"] < 100
-    assert 0.5 < checks["top1_agreement"]["quantized"] < 1.0
+    assert 0.5 < checks["top1_agreement"]["estimate"] < 1.0
     assert rep["quantization"]["size_bytes"] < rep["model"]["size_bytes"]
     cfg = json.loads((uri_to_path(rep["quantization"]["quantized_uri"]) / "config.json").read_text())
     w = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
@@ -141,7 +145,7 @@ def test_remediation_turns_a_failing_recipe_into_a_passing_one(dag, artifact_roo
     # first/last blocks and the 6 most sensitive layers in BF16 brings it to ~1.5 % (measured)
     dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-remedy", "ppl_max_tokens": 1024,
                               "num_prompts": 2, "max_new_tokens": 8, "sensitivity_layers": 8,
-                              "ppl_increase_pct": 2.5, "min_token_agreement": 0.0, "remediation": True,
+                              "ppl_increase_pct": 2.5, "remediation": True,
                               "remediation_attempts": 2})
     assert str(dr.state) == "success", states
     assert states["validate"] == "success" and states["remediate_1"] == "success"
@@ -151,7 +155,7 @@ def test_remediation_turns_a_failing_recipe_into_a_passing_one(dag, artifact_roo
     folder = artifact_root / "runs" / safe_run_id(dr.run_id)
     first = json.loads(next(folder.glob("validation-*")).joinpath("report.json").read_text())
     fixed = json.loads(next(folder.glob("remediation1-*")).joinpath("report.json").read_text())
-    assert not first["passed"] and first["failed_checks"] == ["perplexity"]
+    assert not first["passed"] and "perplexity" in first["failed_checks"] + first["inconclusive_checks"]
     assert fixed["passed"]
     kept = fixed["remediation"]["changes"]["kept_unquantized"]
     assert "lm_head" in kept and len([k for k in kept if k.startswith("model.layers.")]) == 6

@@ -133,9 +133,13 @@ def test_task_checks_decide_with_paired_intervals_and_exclude_sets_at_chance():
                            _classes(), ["good", "chance"])
     assert {c.name: c for c in checks}["task:good"].verdict == "FAIL"
     few = {"tasks": {"good": _task([1.0] * 14 + [0.0] * 6, 0.5)}}
-    checks, _ = run_checks({**base, "accuracy": few}, {**cand, "accuracy": few}, Tolerances(), _positions(),
-                           _classes(), ["good"])
+    checks, _ = run_checks({**base, "accuracy": few}, {**cand, "accuracy": few}, Tolerances(task_drop_pct=5),
+                           _positions(), _classes(), ["good"])
     assert {c.name: c for c in checks}["task:good"].verdict == "INCONCLUSIVE"  # 20 items cannot show <= 5 points
+    low = {"tasks": {"weak": _task([1.0] * 10 + [0.0] * 90, 0.0)}}  # 0.10 above chance 0: could lose it all
+    checks, side = run_checks({**base, "accuracy": low}, {**cand, "accuracy": low}, Tolerances(), _positions(),
+                              _classes(), ["weak"])
+    assert "task:weak" not in {c.name for c in checks} and side["excluded"][0]["name"] == "task:weak"
 
 
 def test_check_limits_override_one_slice():

@@ -199,15 +199,17 @@ def test_placement_cpu_defaults_and_bad_environment(monkeypatch):
         EvalEngine.from_env()
 
 
-def test_baseline_key_separates_device_kinds(tmp_path):
-    from quantpipe.prep.baseline import baseline_key
+def test_baseline_key_separates_everything_that_changes_the_figures(monkeypatch):
+    from quantpipe.prep import baseline
     from quantpipe.settings import EvalSettings
 
-    heldout = tmp_path / "h.jsonl"
-    heldout.write_text('{"text": "x"}\n')
-    cpu = baseline_key("abc", heldout, EvalSettings(), None)
-    assert baseline_key("abc", heldout, EvalSettings(), None, "cpu-float32") == cpu
-    assert baseline_key("abc", heldout, EvalSettings(), None, "cuda-bfloat16") != cpu
+    cpu = baseline.baseline_key("abc", "h1", EvalSettings(), None)
+    assert baseline.baseline_key("abc", "h1", EvalSettings(), None, "cpu-float32") == cpu
+    assert baseline.baseline_key("abc", "h1", EvalSettings(), None, "cuda-bfloat16") != cpu
+    assert baseline.baseline_key("abc", "h2", EvalSettings(), None) != cpu  # other held-out text
+    assert baseline.baseline_key("abc", "h1", EvalSettings(task_limit=7), None) != cpu
+    monkeypatch.setattr(baseline, "_installed", lambda lib: "0.0.0-other")
+    assert baseline.baseline_key("abc", "h1", EvalSettings(), None) != cpu  # other library versions
 
 
 @pytest.mark.parametrize("q_len", [1, 5])

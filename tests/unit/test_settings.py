@@ -43,13 +43,16 @@ def test_from_flat_maps_every_form_field():
     p = PipelineParams.from_flat({"method": "gptq", "bits": 8, "group_size": 32, "calibration_samples": 8,
                                   "max_seq_length": 64, "seed": 3, "ppl_max_tokens": 512, "num_prompts": 2,
                                   "max_new_tokens": 4, "ppl_increase_pct": 1.5, "accuracy_drop_pct": 2,
-                                  "min_top1_agreement": 0.9, "min_token_agreement": 0.2,
+                                  "min_top1_agreement": 0.9, "max_slice_kl": 0.3,
+                                  "check_limits": {"kl:domain:code": 0.5}, "inconclusive": "review",
                                   "calibration_dataset": ""})
     assert (p.quant.bits, p.quant.group_size) == (8, 32)
     assert (p.calibration.num_samples, p.calibration.max_seq_length, p.calibration.seed) == (8, 64, 3)
     assert p.calibration.dataset_path is None
     assert (p.evaluation.ppl_max_tokens, p.evaluation.num_prompts, p.evaluation.max_new_tokens) == (512, 2, 4)
     assert p.tolerances.ppl_increase_pct == 1.5 and p.tolerances.min_top1_agreement == 0.9
+    assert (p.tolerances.max_slice_kl, p.tolerances.check_limits, p.tolerances.inconclusive) == \
+        (0.3, {"kl:domain:code": 0.5}, "review")
 
 
 def test_out_of_range_values_refused():

@@ -157,33 +157,43 @@ def answer_checks(baseline: dict, quantized: dict, tol: Tolerances) -> tuple[lis
 
 def task_checks(b_acc: dict | None, q_acc: dict | None, wanted: list[str], tol: Tolerances
                 ) -> tuple[list[Check], list[dict]]:
-    """Per task set, the accuracy drop on the same items. A set whose baseline is not above
-    chance (its interval's lower end at or below chance) cannot show damage: it is returned
-    as excluded with the reason, never as a pass."""
+    """Per task set, the accuracy drop on the same items. A set the baseline cannot show damage
+    on (``uninformative``) is returned as excluded with the reason, never as a pass."""
     out, excluded = [], []
     b_tasks = (b_acc or {}).get("tasks", {})
     q_tasks = (q_acc or {}).get("tasks", {})
     for name in wanted:
-        allowed = tol.category_drop_pct.get(name, tol.accuracy_drop_pct)
+        allowed = tol.category_drop_pct.get(name, tol.task_drop_pct)
         b, q = b_tasks.get(name), q_tasks.get(name)
+        if b is not None and (why := uninformative(b, allowed)):
+            excluded.append({"name": f"task:{name}", "baseline": b["score"], "chance": b.get("chance", 0.0),
+                             "n": b["n"], "reason": why})
+            continue
         if b is None or q is None:
             who = "baseline" if b is None else "quantized model"
             out.append(make_check(f"task:{name}", f"accuracy drop on {name} (points)", "tasks", None, allowed,
                                   "max", " points", missing=f"no {name} results for the {who}", scale=100.0))
-            continue
-        chance = float(b.get("chance", 0.0))
-        base = proportion(round(b["score"] * b["n"]), b["n"])
-        if base is not None and base.low <= chance + 1e-9:
-            excluded.append({"name": f"task:{name}", "baseline": b["score"], "chance": chance, "n": b["n"],
-                             "reason": f"the baseline ({b['score']:.3f} on {b['n']} items, lower bound "
-                                       f"{base.low:.3f}) is not above chance ({chance:.3f}): this set cannot "
-                                       "show damage on this model"})
             continue
         est = paired_binary_drop(b["per_item"], q["per_item"])
         out.append(make_check(f"task:{name}", f"{b['category']}: {b['metric']} drop on {b['n']} items (points)",
                               "tasks", est, allowed, "max", " points", b["score"], q["score"],
                               missing="no items", scale=100.0))
     return out, excluded
+
+
+def uninformative(b: dict, allowed_points: float) -> str:
+    """Why a task set cannot show damage on this model ('' when it can): its baseline must be
+    above chance with confidence, and above it by more than the tolerated drop (a set at
+    0.10 with chance 0 could lose everything and stay within a 10-point tolerance)."""
+    chance = float(b.get("chance", 0.0))
+    base = proportion(round(b["score"] * b["n"]), b["n"])
+    if base is None:
+        return "no items"
+    if base.low <= chance + 1e-9 or b["score"] - chance <= allowed_points / 100:
+        return (f"the baseline ({b['score']:.3f} on {b['n']} items, lower bound {base.low:.3f}) is not above "
+                f"chance ({chance:.3f}) by more than the tolerated drop ({allowed_points:g} points): this set "
+                "cannot show damage on this model")
+    return ""
 
 
 def run_checks(baseline: dict, quantized: dict, tol: Tolerances, pos: Positions | None,
