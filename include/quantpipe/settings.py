@@ -172,6 +172,15 @@ class Tolerances(_Frozen):
                                 description="Largest accepted mean KL in any one domain or token class")
     min_slice_top1: float = Field(0.7, ge=0, le=1, title="Top-1 agreement floor per slice",
                                   description="Smallest accepted top-1 agreement in any one domain or token class")
+    slice_ratio: float = Field(3.0, ge=1, le=100, title="Concentration ratio",
+                               description="A slice may carry this many times the overall mean KL (and top-1 "
+                                           "disagreement) before its excess counts as concentrated damage")
+    max_kl_excess: float = Field(0.05, ge=0, title="KL excess ceiling per slice (nats)",
+                                 description="Largest accepted mean KL of a slice beyond slice_ratio x the overall "
+                                             "mean KL")
+    max_disagree_excess: float = Field(0.1, ge=0, le=1, title="Disagreement excess ceiling per slice",
+                                       description="Largest accepted top-1 disagreement of a slice beyond "
+                                                   "slice_ratio x the overall disagreement")
     max_answer_flip_rate: float = Field(0.25, ge=0, le=1, title="Known-answer loss ceiling",
                                         description="Largest accepted share of the short factual (or numeric) "
                                                     "answers the baseline gets right that the quantized model "
@@ -262,7 +271,7 @@ class PipelineParams(_Frozen):
                                             "time_budget_s"))),
             tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_top1_agreement",
                                           "max_mean_kl", "task_drop_pct", "category_drop_pct", "max_flip_rate", "max_slice_kl",
-                                          "min_slice_top1", "max_answer_flip_rate", "check_limits",
+                                          "min_slice_top1", "slice_ratio", "max_kl_excess", "max_disagree_excess", "max_answer_flip_rate", "check_limits",
                                           "inconclusive", "review_all", "review_timeout_minutes"))),
             remediation=RemediationSettings(**{
                 **({"enabled": f["remediation"]} if f.get("remediation") is not None else {}),

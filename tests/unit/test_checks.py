@@ -94,6 +94,25 @@ def test_damage_confined_to_digits_fails_the_digit_slice_only_there():
     assert overall_verdict(checks) == "FAIL"
 
 
+def test_small_damage_concentrated_in_one_slice_fails_its_excess_check():
+    # digits are rare (3 of 64 ids) and damaged a little: the absolute slice limit is not crossed,
+    # but the slice carries far more than its share of the (small) overall error
+    global DIGITS
+    saved, DIGITS = DIGITS, [10, 11, 12]
+    try:
+        classes = _classes()
+        classes["digits"][:] = False
+        classes["digits"][DIGITS] = True
+        base, cand = _measured()
+        checks, _ = run_checks(base, cand, Tolerances(), _positions(damage_digits=0.15, seed=3, n=12288), classes, [])
+    finally:
+        DIGITS = saved
+    by = {c.name: c for c in checks}
+    assert by["kl:class:digits"].verdict == "PASS" and by["kl_divergence"].verdict == "PASS"
+    assert by["kl_excess:class:digits"].verdict == "FAIL", by["kl_excess:class:digits"]
+    assert by["kl_excess:domain:prose"].verdict == "PASS"
+
+
 def test_missing_measurements_are_inconclusive_and_named():
     base, cand = _measured()
     checks, _ = run_checks(base, {**cand, "answers": None}, Tolerances(), None, None, ["qp_piqa"],

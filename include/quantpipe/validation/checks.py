@@ -9,8 +9,9 @@ The checks:
 
 - ``perplexity``, ``next_token_accuracy``, ``kl_divergence``, ``top1_agreement``,
   ``confident_flips``: all held-out positions;
-- ``kl:<slice>``, ``top1:<slice>``, ``flips:<slice>`` for every domain and token class
-  (``slices``): damage confined to one capability;
+- ``kl:<slice>``, ``top1:<slice>``, ``flips:<slice>``, ``kl_excess:<slice>``,
+  ``disagree_excess:<slice>`` for every domain and token class (``slices``): damage
+  confined to one capability, in absolute terms and as error concentrated in the slice;
 - ``answers:<kind>``: the share of the short factual and numeric answers the baseline
   knows that the candidate changed;
 - ``task:<set>``: accuracy drop on the same items, for sets whose baseline is above
@@ -104,7 +105,7 @@ def divergence_checks(pos: Positions | None, classes: dict[str, np.ndarray] | No
                           missing=why))
     names = [n for n in masks if n != "all"] if masks else []
     for sl in names:
-        est = slice_estimates(pos, masks[sl])
+        est = slice_estimates(pos, masks[sl], ratio=tol.slice_ratio)
         group = "domain" if sl.startswith("domain:") else "token class"
         label = sl.split(":", 1)[1]
         n_pos = int(masks[sl].sum())
@@ -118,6 +119,14 @@ def divergence_checks(pos: Positions | None, classes: dict[str, np.ndarray] | No
         out.append(make_check(f"flips:{sl}", f"confident predictions flipped on {what}", group, est["flips"],
                               _limit(tol, f"flips:{sl}", tol.max_flip_rate), "max",
                               missing=f"fewer than 8 blocks of confident {sl} positions"))
+        out.append(make_check(f"kl_excess:{sl}", f"mean KL on {what} beyond {tol.slice_ratio:g}x the overall "
+                              "mean KL (damage concentrated here)", group, est["kl_excess"],
+                              _limit(tol, f"kl_excess:{sl}", tol.max_kl_excess), "max",
+                              missing=f"fewer than 8 blocks of {sl} positions"))
+        out.append(make_check(f"disagree_excess:{sl}", f"top-1 disagreement on {what} beyond "
+                              f"{tol.slice_ratio:g}x the overall disagreement", group, est["disagree_excess"],
+                              _limit(tol, f"disagree_excess:{sl}", tol.max_disagree_excess), "max",
+                              missing=f"fewer than 8 blocks of {sl} positions"))
     return out
 
 

@@ -12,7 +12,12 @@ Per slice, three measures of the candidate against the baseline:
 - ``top1``: share of positions where both predict the same next token;
 - ``flips``: share of the baseline's *confident* predictions (top-1 probability
   >= ``CONFIDENT``) that the candidate changes: sound quantization rarely flips a
-  confident prediction, damage does.
+  confident prediction, damage does;
+- ``kl_excess`` and ``disagree_excess``: how far the slice's mean KL (or its top-1
+  disagreement) exceeds ``ratio`` times the overall one. Sound quantization spreads its
+  error over every slice; damage confined to one capability concentrates it there, so
+  this catches a fault too small to cross an absolute limit on a model whose overall
+  error is small.
 
 Token classes are read off the tokenizer's vocabulary, so they work for any model.
 """
@@ -125,8 +130,9 @@ def _per_block(values: np.ndarray, mask: np.ndarray, block: np.ndarray, blocks: 
     return np.bincount(block[mask], weights=values[mask], minlength=blocks)
 
 
-def slice_estimates(pos: Positions, mask: np.ndarray, seed: int = 0) -> dict[str, Estimate | None]:
-    """kl, top1, flips and the perplexity change (%) of one slice, each with its interval."""
+def slice_estimates(pos: Positions, mask: np.ndarray, seed: int = 0, ratio: float = 3.0) -> dict[str, Estimate | None]:
+    """kl, top1, flips, the concentration measures and the perplexity change (%) of one
+    slice, each with its interval."""
     nb = pos.blocks
     count = np.bincount(pos.block[mask], minlength=nb).astype(np.float64)
     agree = (pos.top1_base == pos.top1_cand).astype(np.float64)
@@ -136,7 +142,16 @@ def slice_estimates(pos: Positions, mask: np.ndarray, seed: int = 0) -> dict[str
     ppl = block_ratio(np.stack([_per_block(pos.nll_cand, mask, pos.block, nb),
                                 _per_block(pos.nll_base, mask, pos.block, nb)]), count, seed,
                       transform=lambda r: (np.exp(r[0] - r[1]) - 1) * 100)
-    return {"kl": block_ratio(_per_block(pos.kl, mask, pos.block, nb), count, seed),
+    allm = np.ones(len(mask), dtype=bool)
+    total = np.bincount(pos.block, minlength=nb).astype(np.float64)
+    blocks = np.ones(nb)
+    concentration = {}
+    for key, values in (("kl_excess", pos.kl), ("disagree_excess", 1 - agree)):
+        rows = np.stack([_per_block(values, mask, pos.block, nb), count, _per_block(values, allm, pos.block, nb),
+                         total])
+        concentration[key] = block_ratio(rows, blocks * (count > 0), seed,
+                                         transform=lambda r: r[0] / r[1] - ratio * r[2] / r[3])
+    return {**concentration, "kl": block_ratio(_per_block(pos.kl, mask, pos.block, nb), count, seed),
             "top1": block_ratio(_per_block(agree, mask, pos.block, nb), count, seed),
             "flips": block_ratio(flips, conf_count, seed),
             "ppl_pct": ppl}
