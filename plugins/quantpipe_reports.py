@@ -218,6 +218,9 @@ def create_app():
         trs = []
         for r in rows:
             verdict = ("<span class='ok'>PASSED</span>" if r.get("passed") else
+                       "<span class='bad'>INCONCLUSIVE (not a pass): "
+                       f"{html.escape(', '.join(r.get('inconclusive_checks') or []))}</span>"
+                       if r.get("passed") is False and r.get("verdict") == "INCONCLUSIVE" else
                        f"<span class='bad'>FAILED: {html.escape(', '.join(r.get('failed_checks') or []))}</span>"
                        if r.get("passed") is False else html.escape(r.get("error", "?")))
             run_id = r.get("run_id") or r["run_dir"]

@@ -58,6 +58,7 @@ class ReportRef:
             return {**out, "error": f"unreadable report.json: {e.__class__.__name__}"}
         q = data.get("quantization") or {}
         return {**out, "passed": data.get("passed"), "failed_checks": data.get("failed_checks", []),
+                "verdict": data.get("verdict"), "inconclusive_checks": data.get("inconclusive_checks", []),
                 "method": q.get("method"), "scheme": q.get("scheme"), "run_id": data.get("run_id")}
 
 
