@@ -9,7 +9,9 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
-DEMO_CONF ?= {}
+# W8A8 int8: served fast by vLLM's CPU build on every CPU of this kind (FP8 runs there through a slow
+# fallback). 4-bit on AVX512/GPU hosts: make demo DEMO_CONF='{"method":"gptq","bits":4,"group_size":32}'
+DEMO_CONF ?= {"method":"w8a8","bits":8}
 
 .PHONY: venv assets demo stop test test-fast serving-env services bench clean
 

@@ -211,8 +211,30 @@ def trigger(conf: dict, timeout_s: int = 3600) -> dict:
         deployed = x.get("value") if status == 200 else None
         if isinstance(deployed, str):
             deployed = json.loads(deployed)
+    deploy_error = _deploy_error(run_id, tok) if states.get("deploy") == "failed" else None
     return {"run_id": run_id, "state": run.get("state"), "tasks": states, "validation": validation,
-            "deployed": deployed}
+            "deployed": deployed, "deploy_error": deploy_error}
+
+
+def _deploy_error(run_id: str, tok: str) -> str | None:
+    """What the failed deploy task said went wrong and what to try ('deploy failed: ...' or
+    'deploy refused by pre-flight: ...' in its log)."""
+    import re
+
+    base = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/deploy"
+    try:
+        _, ti = _http("GET", base, token=tok)
+        for try_number in range(int(ti.get("try_number") or 1), 0, -1):
+            status, body = _http("GET", f"{base}/logs/{try_number}?full_content=true", token=tok)
+            if status != 200:
+                continue
+            text = json.dumps(body.get("content", body))
+            found = re.findall(r'(deploy (?:failed|refused by pre-flight): (?:[^"\\]|\\.)*?)(?: Details:|")', text)
+            if found:
+                return json.loads(f'"{found[-1]}"')
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def ask_endpoint(deployed: dict, prompt: str = "The capital of France is") -> str:
@@ -269,6 +291,8 @@ def main() -> None:
                                               f"={r['value'][1]}" for r in series)
                                     if series else "no vLLM series scraped yet (is scripts/monitoring_local.py "
                                                    "running?)") + "  (http://127.0.0.1:9090)")
+        if res.get("deploy_error"):
+            print(res["deploy_error"])
         print(f"Airflow UI: {BASE}/dags/{DAG_ID}/runs/{res['run_id']}  (login admin / admin)")
         if res["state"] != "success":
             raise SystemExit(1)

@@ -1,6 +1,7 @@
 """A real browser against a real Airflow: log in, trigger llm_quantization from the form with
-method fp8 and small params, wait for success, open the validation report through the task's
-extra link (the reports plugin), and save screenshots under test-artifacts/ui/.
+method w8a8 and small params (W8A8 int8 is deployed fast on every CPU of this kind; FP8 runs
+on vLLM's CPU build through a slow fallback), wait for success, open the validation report
+through the task's extra link (the reports plugin), and save screenshots under test-artifacts/ui/.
 
 Needs Debian's chromium (scripts/setup_browser.sh) and the playwright Python package; no
 browser download. Runs ~3-6 minutes on a loaded 2-core machine.
@@ -161,7 +162,7 @@ def browser_flow(af, shots: Path) -> dict:
             page.get_by_text("Validate params").first.wait_for()
             shot(page, "02-dag.png")
 
-            # 3. the trigger form: method fp8 and small params
+            # 3. the trigger form: method w8a8 and small params
             page.get_by_test_id("trigger-dag-button").first.click()
             dialog = page.locator("[role=dialog][data-state=open]")
             dialog.get_by_text("Trigger Dag").first.wait_for()
@@ -174,6 +175,7 @@ def browser_flow(af, shots: Path) -> dict:
             _, runs = af._http("GET", f"/api/v2/dags/{DAG}/dagRuns?limit=100", token=token)
             assert {r["dag_run_id"] for r in runs.get("dag_runs", [])} == known, "a refused trigger created a run"
             _pick(page, dialog, "bits", "8", open_section=False)
+            _pick(page, dialog, "method", "w8a8", open_section=False)
             _fill_section(dialog, "Calibration", {k: SMALL[k] for k in ("calibration_samples", "max_seq_length")})
             _fill_section(dialog, "Evaluation", {k: SMALL[k] for k in
                                                  ("ppl_max_tokens", "num_prompts", "max_new_tokens", "task_limit",
@@ -194,7 +196,7 @@ def browser_flow(af, shots: Path) -> dict:
             for k, v in SMALL.items():
                 if k in (run.get("conf") or {}):
                     assert run["conf"][k] == v, (k, run["conf"])
-            assert run["conf"]["method"] == "fp8"
+            assert run["conf"]["method"] == "w8a8" and int(run["conf"]["bits"]) == 8
             t0, state = time.time(), None
             while time.time() - t0 < RUN_TIMEOUT_S:
                 _, run = af._http("GET", f"/api/v2/dags/{DAG}/dagRuns/{quote(run_id, safe='')}", token=token)
