@@ -13,7 +13,13 @@ quantized checkpoint that vLLM serves as it is.
    `oneshot` with GPTQ, AWQ, FP8-dynamic or SmoothQuant+GPTQ W8A8; `lm_head` stays BF16.
 4. **validate** (queue `gpu-a100`): perplexity, KL, task accuracy and greedy consistency
    against the baseline, measured the same way (bf16 on a GPU worker, float32 on a CPU);
-   one report (JSON + HTML). **gate** stops the run when a check fails.
+   one report (JSON + HTML). Every check has a verdict: PASS, FAIL or INCONCLUSIVE.
+4c. **route_review** / **review**: a person approves or rejects the release in Airflow's
+   Required Actions when the verdict is INCONCLUSIVE and `inconclusive` is `review`, or for
+   PASS and INCONCLUSIVE when `review_all` is on; FAIL never goes to a person. Nobody
+   answering within `review_timeout_minutes` is a Reject; a Reject stops the run.
+   **gate** stops the run unless the verdict is PASS or a needed review approved; the review
+   is recorded next to the reports (`runs/<run_id>/review/review.json`) and in the approval.
 5. **publish_approved** (queue `serving`): records the approved model's URI.
 6. **deploy** (queue `serving`): pre-flight, vLLM launched beside the live model, health
    check with real completions, switch of the stable endpoint `http://127.0.0.1:8000/v1`
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from quantpipe.form import form_fields
@@ -60,6 +67,33 @@ def _use_store() -> None:
 
     fs, plain = artifact_fs(os.environ.get("QUANTPIPE_REMOTE_CONN", "quantpipe_s3"), root)
     pipeline.configure_remote(fs, plain)
+
+
+class ReleaseReview(ApprovalOperator):
+    """Airflow's approval task (state awaiting_input until answered) with the run's own timeout
+    (param ``review_timeout_minutes``); nobody answering is a Reject (``defaults``). A Reject
+    skips the gate, so the rejection is recorded here; an approval is recorded by the gate."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(defaults=[self.REJECT], **kwargs)
+
+    def execute(self, context):
+        from quantpipe.settings import Tolerances
+
+        minutes = context["params"].get("review_timeout_minutes") or Tolerances().review_timeout_minutes
+        self.response_timeout = timedelta(minutes=int(minutes))
+        return super().execute(context)
+
+    def execute_complete(self, context, event):
+        answer = {**super().execute_complete(context, event), "timedout": bool(event.get("timedout"))}
+        if answer["chosen_options"] != [self.APPROVE]:
+            from quantpipe.pipeline import latest_result, record_review
+            from quantpipe.validation.review import review_record
+            _use_store()
+
+            result = latest_result(context["ti"].xcom_pull(task_ids=RESULT_TASKS))
+            record_review(result["settings"], result, review_record(result, answer), context["run_id"])
+        return answer
 
 
 @dag(
@@ -144,12 +178,42 @@ def llm_quantization():
 
         return remediate
 
-    @task.short_circuit(task_display_name="Gate", retries=0, trigger_rule=TriggerRule.NONE_FAILED)
+    @task.branch(task_display_name="Route to a review", retries=0, trigger_rule=TriggerRule.NONE_FAILED)
+    def route_review() -> list[str]:
+        from quantpipe.pipeline import latest_result
+        from quantpipe.validation.review import needs_review, review_body, review_subject
+
+        ctx = get_current_context()
+        result = latest_result(ctx["ti"].xcom_pull(task_ids=RESULT_TASKS))
+        if not needs_review(result):
+            return ["gate"]
+        ctx["ti"].xcom_push(key="review_subject", value=review_subject(result, ctx["run_id"]))
+        ctx["ti"].xcom_push(key="review_body", value=review_body(result))
+        return ["review", "gate"]
+
+    review = ReleaseReview(
+        task_id="review", task_display_name="4c. Review by a person", retries=0,
+        subject="{{ ti.xcom_pull(task_ids='route_review', key='review_subject') }}",
+        body="{{ ti.xcom_pull(task_ids='route_review', key='review_body') }}",
+    )
+
+    @task.short_circuit(task_display_name="Gate", retries=0,
+                        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def gate() -> bool:
-        from quantpipe.pipeline import gate as run, latest_result
+        from quantpipe.pipeline import latest_result, record_review
+        from quantpipe.validation.review import gate_decision, review_record
         _use_store()
 
-        return run(latest_result(get_current_context()["ti"].xcom_pull(task_ids=RESULT_TASKS)))
+        ctx = get_current_context()
+        ti = ctx["ti"]
+        result = latest_result(ti.xcom_pull(task_ids=RESULT_TASKS))
+        answer = ti.xcom_pull(task_ids="review")  # None when the review was skipped
+        record = None
+        if answer:
+            record = review_record(result, answer)
+            record["record_uri"] = record_review(result["settings"], result, record, ctx["run_id"])
+            ti.xcom_push(key="review", value=record)  # publish_approved puts it in the approval record
+        return gate_decision(result, record)
 
     @task(queue=QUEUE_SERVING, task_display_name="5. Publish approved model")
     def publish_approved(settings: dict) -> dict:
@@ -158,7 +222,7 @@ def llm_quantization():
 
         ctx = get_current_context()
         final = latest_result(ctx["ti"].xcom_pull(task_ids=RESULT_TASKS))
-        return run(final["settings"], final, ctx["run_id"])
+        return run(final["settings"], final, ctx["run_id"], review=ctx["ti"].xcom_pull(task_ids="gate", key="review"))
 
     @task(queue=QUEUE_SERVING, task_display_name="6. Deploy on vLLM", retries=1,
           execution_timeout=timedelta(minutes=30))
@@ -192,8 +256,10 @@ def llm_quantization():
     r1 = _remediation(1)(settings, prep)
     r2 = _remediation(2)(settings, prep)
     checked >> r1 >> r2
+    routed = route_review()
     ok = gate()
-    r2 >> ok
+    r2 >> routed >> [review, ok]
+    review >> ok
     approved = publish_approved(settings)
     ok >> approved
     deploy(settings, approved)

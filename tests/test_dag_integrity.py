@@ -37,7 +37,7 @@ def test_queues(dag):
 
 def test_retries_with_backoff(dag):
     for t in dag.tasks:
-        if t.task_id in ("validate_params", "gate"):
+        if t.task_id in ("validate_params", "gate", "route_review", "review"):
             assert t.retries == 0, f"{t.task_id}: bad input is not transient"
         elif t.task_id == "deploy":
             assert t.retries == 1
@@ -50,12 +50,45 @@ def test_wiring(dag):
     assert down["route"] == ["quantize", "quantize_fp8"]
     assert down["quantize"] == ["validate"] and down["quantize_fp8"] == ["validate"]
     assert down["validate"] == ["remediate_1"]
-    assert down["remediate_1"] == ["remediate_2"] and down["remediate_2"] == ["gate"]
+    assert down["remediate_1"] == ["remediate_2"] and down["remediate_2"] == ["route_review"]
+    assert down["route_review"] == ["gate", "review"] and down["review"] == ["gate"]
+    assert dag.get_task("gate").upstream_task_ids == {"route_review", "review"}
     assert dag.get_task("gate").downstream_task_ids == {"publish_approved"}
     assert dag.get_task("publish_approved").downstream_task_ids == {"deploy"}
-    for t in ("remediate_1", "remediate_2", "gate"):
+    for t in ("remediate_1", "remediate_2", "route_review"):
         assert dag.get_task(t).trigger_rule == "none_failed", t
+    # runs after route_review alone (review skipped) or after the review's approval
+    assert dag.get_task("gate").trigger_rule == "none_failed_min_one_success"
     assert type(dag.get_task("gate")).__name__.startswith("_ShortCircuit")
+    assert type(dag.get_task("route_review")).__name__.startswith("_Branch")
+
+
+def test_review_is_an_approval_that_rejects_when_unanswered(dag):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    review = dag.get_task("review")
+    assert isinstance(review, ApprovalOperator)
+    assert review.options == ["Approve", "Reject"] and review.defaults == ["Reject"]
+    assert not review.fail_on_reject  # a Reject skips the gate (and so publish and deploy), it is no failure
+    assert review.trigger_rule == "all_success"
+    # subject and body come from route_review's XCom, rendered when the review starts
+    assert "route_review" in review.subject and "review_subject" in review.subject
+    assert "route_review" in review.body and "review_body" in review.body
+
+
+def test_review_takes_its_timeout_from_the_run(dag):
+    """execute() sets response_timeout from the run's review_timeout_minutes before it parks."""
+    from datetime import timedelta
+    from unittest import mock
+
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    review = dag.get_task("review")
+    with mock.patch.object(HITLOperator, "execute", return_value=None) as parent:
+        review.execute({"params": {"review_timeout_minutes": 7}})
+    parent.assert_called_once()
+    assert review.response_timeout == timedelta(minutes=7)
+    assert dag.params.get_param("review_timeout_minutes").value == 60
 
 
 def test_params_render_as_a_form(dag):
