@@ -46,7 +46,7 @@ def _positions(damage_digits: float = 0.0, noise: float = 0.02, seed: int = 0, n
 
 def _measured(answers_right: int = 30, lost: int = 0) -> tuple[dict, dict]:
     asks = [{"prompt": f"q{i}", "expected": "a", "kind": "fact"} for i in range(40)]
-    base = [{**a, "text": " a" if i < answers_right else " b"} for i, a in enumerate(asks)]
+    base = [{**a, "text": " a" if i < answers_right else " b", "p_first": 0.9} for i, a in enumerate(asks)]
     cand = [{**a, "text": " c" if i < lost else b["text"]} for i, (a, b) in enumerate(zip(asks, base))]
     gens = [{"prompt": "p", "token_ids": [1, 2, 3], "text": "x"}]
     return ({"answers": base, "generations": gens}, {"answers": cand, "generations": gens})
@@ -181,3 +181,17 @@ def test_token_class_table_on_the_real_tokenizer(model_dir):
     assert any(not p.strip() for p in pieces["whitespace"])
     assert table["special"][tok.eos_token_id] and not table["rare"][tok.eos_token_id]
     assert table["rare"][ids[0]]  # seen once in the reference: rare
+
+
+def test_only_answers_the_baseline_knows_confidently_count():
+    from quantpipe.validation.answers import answer_flips, answer_prompts, first_answer
+
+    assert first_answer(" 12\n3 + 4 = 7") == "12" and first_answer(" Paris, the city") == "paris"
+    asks = answer_prompts()
+    assert len(asks) == len({a["prompt"] for a in asks}) and {a["kind"] for a in asks} == {"fact", "number"}
+    b = [{"prompt": "a", "kind": "fact", "expected": "x", "text": " x", "p_first": 0.9},
+         {"prompt": "b", "kind": "fact", "expected": "y", "text": " y", "p_first": 0.2},  # right but unsure
+         {"prompt": "c", "kind": "fact", "expected": "z", "text": " w", "p_first": 0.9}]  # wrong
+    c = [{**r, "text": " q"} for r in b]
+    flips = answer_flips(b, c)
+    assert flips["flipped"] == 3 and flips["kinds"]["fact"] == {"known": 1, "lost": 1, "prompts": 3}

@@ -2,10 +2,12 @@
 
 Baseline and candidate answer each prompt greedily; the answer is the first word or
 number of the continuation. The gated measure, per kind of answer (``fact``,
-``number``), is the share of the answers the baseline *knows* (gets right) that the
-candidate changes: a small model's guesses flip under any perturbation, but what it
-knows a sound quantization keeps (measured: FP8 lost 1 of 28 known facts and 1 of 25
-known sums; a planted swap of capital-city tokens lost 14 of 28). All flips are
+``number``), is the share of the answers the baseline *knows* that the candidate
+changes; known: right, and the first answer token had probability >= ``CONFIDENT``
+under the baseline. A small model's guesses flip under any perturbation (a sound 4-bit
+GPTQ changed 16 of 57 right but unsure sums), what it knows a sound quantization keeps,
+and damage does not (measured: FP8 lost 1 of 28 right facts; a planted swap of
+capital-city tokens lost 14 of 28, rotated digit rows 24 of 25 sums). All flips are
 reported too. Prompts are built deterministically, so every run asks the same questions.
 """
 
@@ -33,6 +35,7 @@ _FACTS = (("The chemical symbol for gold is", "Au"), ("The largest planet in our
 _FEWSHOT_ADD = "2 + 2 = 4\n3 + 5 = 8\n7 + 1 = 8\n"
 _FEWSHOT_MUL = "2 * 3 = 6\n4 * 2 = 8\n3 * 3 = 9\n"
 _FEWSHOT_SUB = "9 - 4 = 5\n7 - 2 = 5\n8 - 3 = 5\n"
+CONFIDENT = 0.5
 _WORD = re.compile(r"[A-Za-z]+|\d+(?:\.\d+)?")
 
 
@@ -66,11 +69,12 @@ def answer_flips(baseline: list[dict], candidate: list[dict]) -> dict:
     for b, c in zip(baseline, candidate):
         ba, ca = first_answer(b["text"]), first_answer(c["text"])
         rows.append({"prompt": b["prompt"].split("\n")[-1], "kind": b.get("kind", ""), "expected": b.get("expected"),
-                     "baseline": ba, "quantized": ca, "flipped": ba != ca})
+                     "baseline": ba, "quantized": ca, "flipped": ba != ca, "p_first": b.get("p_first")})
     flipped = sum(r["flipped"] for r in rows)
     kinds = {}
     for kind in dict.fromkeys(r["kind"] for r in rows):
-        known = [r for r in rows if r["kind"] == kind and r["baseline"] == str(r["expected"]).lower()]
+        known = [r for r in rows if r["kind"] == kind and r["baseline"] == str(r["expected"]).lower()
+                 and (r["p_first"] or 0.0) >= CONFIDENT]
         kinds[kind] = {"known": len(known), "lost": sum(r["flipped"] for r in known),
                        "prompts": sum(r["kind"] == kind for r in rows)}
     return {"flipped": flipped, "n": len(rows), "rate": flipped / len(rows) if rows else None, "kinds": kinds,

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from ..settings import EvalSettings
-from .engine import (Placement, attention_kernels, device_of, greedy, overlapped, parts, resolve_placement,
-                     window_batches)
+from .engine import (Placement, attention_kernels, device_of, greedy, loglikelihoods, overlapped, parts,
+                     resolve_placement, window_batches)
 
 log = logging.getLogger(__name__)
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")
@@ -275,7 +275,14 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks_dir: Pat
     def generations():
         gens = greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens, placement)
         answers = greedy_generate(model, tok, [a["prompt"] for a in asks], s.answer_tokens, placement)
-        return gens, [{**a, "text": g["text"]} for a, g in zip(asks, answers)]
+        rows = [{**a, "text": g["text"]} for a, g in zip(asks, answers)]
+        if reference is None:  # the baseline: how sure it is of each answer's first token
+            pairs = [(tok(a["prompt"])["input_ids"], g["token_ids"][:1]) for a, g in zip(asks, answers)
+                     if g["token_ids"]]
+            lls = iter(loglikelihoods(model, pairs, placement.token_budget, pack=placement.pack_width))
+            for r, g in zip(rows, answers):
+                r["p_first"] = round(math.exp(next(lls)[0]), 4) if g["token_ids"] else 0.0
+        return gens, rows
 
     def tasks():
         if not want_tasks:
