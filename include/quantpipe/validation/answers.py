@@ -47,10 +47,8 @@ def answer_prompts(seed: int = 0) -> list[dict]:
     out += [{"prompt": p, "expected": a, "kind": "fact"} for p, a in _FACTS]
     for shots, op, f in ((_FEWSHOT_ADD, "+", lambda a, b: a + b), (_FEWSHOT_MUL, "*", lambda a, b: a * b),
                          (_FEWSHOT_SUB, "-", lambda a, b: a - b)):
-        for _ in range(40):
-            a, b = rng.randrange(2, 20), rng.randrange(1, 10)
-            if op == "-" and b > a:
-                a, b = b, a
+        pairs = [(a, b) for a in range(2, 20) for b in range(1, 10) if op != "-" or b <= a]
+        for a, b in rng.sample(pairs, 40):  # 40 distinct questions per operation
             out.append({"prompt": f"{shots}{a} {op} {b} =", "expected": str(f(a, b)), "kind": "number"})
     return out
 
