@@ -53,7 +53,7 @@ def test_bad_jsonl_lines_named(tmp_path):
     with pytest.raises(CalibrationError, match=r"d.jsonl:2: not valid JSON"):
         read_jsonl_texts(f)
     f.write_text(json.dumps({"body": "no text field"}) + "\n")
-    with pytest.raises(CalibrationError, match=r"d.jsonl:1: each line needs a string field 'text'"):
+    with pytest.raises(CalibrationError, match=r"d.jsonl:1: each line needs a non-empty string field 'text'"):
         read_jsonl_texts(f)
     with pytest.raises(CalibrationError, match="does not exist"):
         read_jsonl_texts(tmp_path / "missing.jsonl")

@@ -28,12 +28,12 @@ def test_user_domains_are_parsed_and_refused_with_the_line(tmp_path, cache_dir):
     domains, digest = heldout_for(cache_dir, ("prose",), str(good))
     assert list(domains) == ["prose", "sql", "user"]
     assert digest != heldout_for(cache_dir, ("prose",), None)[1]
-    for text, msg in (("{not json", "mine.jsonl:1: not JSON"), ('{"text": ""}', "non-empty string field 'text'"),
+    for text, msg in (("{not json", "mine.jsonl:1: not valid JSON"), ('{"text": ""}', "non-empty string field 'text'"),
                       ('{"text": "x", "domain": "code"}', "built-in domain")):
         good.write_text(text + "\n")
         with pytest.raises(PipelineError, match=msg):
             user_domains(good)
-    with pytest.raises(PipelineError, match="no such file"):
+    with pytest.raises(PipelineError, match="does not exist"):
         user_domains(tmp_path / "missing.jsonl")
 
 

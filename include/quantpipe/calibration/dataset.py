@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ..artifacts import ArtifactStore
+from ..jsonl import text_rows
 from ..errors import CalibrationError
 from ..hashing import sha256_file, sha256_json
 from ..settings import CalibrationSettings
@@ -35,23 +36,7 @@ class CalibrationResult(BaseModel):
 
 
 def read_jsonl_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise CalibrationError(f"calibration dataset {path} does not exist")
-    texts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CalibrationError(f"{path}:{n}: each line needs a string field 'text'")
-            texts.append(row["text"])
-    if not texts:
-        raise CalibrationError(f"calibration dataset {path} is empty")
-    return texts
+    return [row["text"] for _, row in text_rows(path, "calibration dataset", CalibrationError)]
 
 
 def sample_and_tokenize(texts: list[str], tokenizer, s: CalibrationSettings) -> list[list[int]]:
