@@ -27,7 +27,7 @@ BASELINE_FILE = "baseline.json"
 REFERENCE_FILE = "reference.safetensors"
 
 
-MEASURE_VERSION = 3  # v2: per-domain windows, per-position NLL/top-1, answer prompts; v3: answer confidence
+MEASURE_VERSION = 5  # v2: per-domain windows, per-position NLL/top-1, answer prompts; v3/4: answer confidence
 LIBRARIES = ("torch", "transformers", "lm_eval", "compressed-tensors")
 
 

@@ -22,7 +22,16 @@ _CAPITALS = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Sp
              ("Portugal", "Lisbon"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"),
              ("Austria", "Vienna"), ("Ireland", "Dublin"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
              ("Argentina", "Buenos"), ("Mexico", "Mexico"), ("Turkey", "Ankara"), ("Thailand", "Bangkok"),
-             ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Hungary", "Budapest"), ("Cuba", "Havana"))
+             ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Hungary", "Budapest"), ("Cuba", "Havana"),
+             ("the United Kingdom", "London"), ("the United States", "Washington"), ("South Korea", "Seoul"),
+             ("Belgium", "Brussels"), ("the Netherlands", "Amsterdam"), ("Switzerland", "Bern"),
+             ("Chile", "Santiago"), ("Colombia", "Bogota"), ("Venezuela", "Caracas"), ("Iran", "Tehran"),
+             ("Iraq", "Baghdad"), ("Syria", "Damascus"), ("Lebanon", "Beirut"), ("Vietnam", "Hanoi"),
+             ("the Philippines", "Manila"), ("Indonesia", "Jakarta"), ("Malaysia", "Kuala"),
+             ("Ukraine", "Kyiv"), ("Romania", "Bucharest"), ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"),
+             ("the Czech Republic", "Prague"), ("Iceland", "Reykjavik"), ("Morocco", "Rabat"),
+             ("Ethiopia", "Addis"), ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Jamaica", "Kingston"),
+             ("Scotland", "Edinburgh"), ("Wales", "Cardiff"))
 _FACTS = (("The chemical symbol for gold is", "Au"), ("The largest planet in our solar system is", "Jupiter"),
           ("The closest star to Earth is the", "Sun"), ("Water is made of hydrogen and", "oxygen"),
           ("The first president of the United States was George", "Washington"),
@@ -31,7 +40,14 @@ _FACTS = (("The chemical symbol for gold is", "Au"), ("The largest planet in our
           ("The number of days in a week is", "seven"), ("The freezing point of water in Celsius is", "0"),
           ("The planet known as the Red Planet is", "Mars"), ("Bees make", "honey"),
           ("The longest river in Africa is the", "Nile"), ("The fastest land animal is the", "cheetah"),
-          ("The language spoken in Brazil is", "Portuguese"))
+          ("The language spoken in Brazil is", "Portuguese"), ("The sun rises in the", "east"),
+          ("Ice is frozen", "water"), ("The tallest animal in the world is the", "giraffe"),
+          ("The largest ocean on Earth is the", "Pacific"), ("A spider has eight", "legs"),
+          ("The currency of Japan is the", "yen"), ("The inventor of the telephone was Alexander Graham",
+                                                    "Bell"),
+          ("The theory of relativity was developed by Albert", "Einstein"),
+          ("The Mona Lisa was painted by Leonardo da", "Vinci"), ("The square root of 81 is", "9"),
+          ("The chemical symbol for water is", "H"), ("The first man on the Moon was Neil", "Armstrong"))
 _FEWSHOT_ADD = "2 + 2 = 4\n3 + 5 = 8\n7 + 1 = 8\n"
 _FEWSHOT_MUL = "2 * 3 = 6\n4 * 2 = 8\n3 * 3 = 9\n"
 _FEWSHOT_SUB = "9 - 4 = 5\n7 - 2 = 5\n8 - 3 = 5\n"

@@ -145,22 +145,25 @@ def _accuracy_drop(pos: Positions) -> Estimate | None:
 MIN_KNOWN = 10  # fewer known answers than this cannot decide an answer check
 
 
+def _answer_limit(tol: Tolerances, kind: str) -> float:
+    return _limit(tol, f"answers:{kind}", tol.max_number_flip_rate if kind == "number" else tol.max_answer_flip_rate)
+
+
 def answer_checks(baseline: dict, quantized: dict, tol: Tolerances) -> tuple[list[Check], dict | None]:
     """Per kind of answer (facts, numbers): the share of the baseline's known answers lost."""
     b, q = baseline.get("answers"), quantized.get("answers")
     if not b or not q:
         who = "baseline" if not b else "quantized model"
         return [make_check(f"answers:{k}", f"{k} answers the baseline knows that changed", "answers", None,
-                           _limit(tol, f"answers:{k}", tol.max_answer_flip_rate), "max",
-                           missing=f"answers of the {who}") for k in ("fact", "number")], None
+                           _answer_limit(tol, k), "max", missing=f"answers of the {who}") for k in ("fact", "number")
+                ], None
     flips = answer_flips(b, q)
     out = []
     for kind, k in flips["kinds"].items():
         est = proportion(k["lost"], k["known"]) if k["known"] >= MIN_KNOWN else None
         out.append(make_check(f"answers:{kind}", f"{kind} answers the baseline knows that changed ({k['lost']} "
                               f"of {k['known']} known, of {k['prompts']} prompts)", "answers", est,
-                              _limit(tol, f"answers:{kind}", tol.max_answer_flip_rate), "max",
-                              missing=f"the baseline knows only {k['known']} {kind} answers (< {MIN_KNOWN})"))
+                              _answer_limit(tol, kind), "max", missing=f"the baseline knows only {k['known']} {kind} answers (< {MIN_KNOWN})"))
     return out, flips
 
 

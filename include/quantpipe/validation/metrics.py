@@ -235,6 +235,15 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
     return out
 
 
+def _answer_head(tokenizer, ids: list[int]) -> list[int]:
+    """The generated tokens up to and including the first that holds a letter or digit (a
+    leading space is often a token of its own: its probability says nothing of the answer)."""
+    for i, t in enumerate(ids):
+        if any(ch.isalnum() for ch in tokenizer.decode([t])):
+            return ids[:i + 1]
+    return []
+
+
 Heldout = "dict[str, list[dict]] | list[str]"
 
 
@@ -276,12 +285,12 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks_dir: Pat
         gens = greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens, placement)
         answers = greedy_generate(model, tok, [a["prompt"] for a in asks], s.answer_tokens, placement)
         rows = [{**a, "text": g["text"]} for a, g in zip(asks, answers)]
-        if reference is None:  # the baseline: how sure it is of each answer's first token
-            pairs = [(tok(a["prompt"])["input_ids"], g["token_ids"][:1]) for a, g in zip(asks, answers)
-                     if g["token_ids"]]
+        if reference is None:  # the baseline: how sure it is of each answer's first word or number
+            head = [_answer_head(tok, g["token_ids"]) for g in answers]
+            pairs = [(tok(a["prompt"])["input_ids"], h) for a, h in zip(asks, head) if h]
             lls = iter(loglikelihoods(model, pairs, placement.token_budget, pack=placement.pack_width))
-            for r, g in zip(rows, answers):
-                r["p_first"] = round(math.exp(next(lls)[0]), 4) if g["token_ids"] else 0.0
+            for r, h in zip(rows, head):
+                r["p_first"] = round(math.exp(next(lls)[0]), 4) if h else 0.0
         return gens, rows
 
     def tasks():
