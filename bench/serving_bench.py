@@ -41,7 +41,9 @@ def main() -> None:
         results.append(r)
         print(f"# {label}: {r}", file=sys.stderr, flush=True)
     print(json.dumps({"bench": "serving", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+                      "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
+                               "load_avg_1m": round(os.getloadavg()[0], 2)},
+                      "target": s.serving_target().as_dict(),
                       "vllm_cmd": s.vllm_cmd, "enforce_eager": s.enforce_eager,
                       "kvcache_gib": s.cpu_kvcache_space_gib, "results": results}))
 
