@@ -4,7 +4,10 @@ on vLLM's CPU build through a slow fallback), wait for success, open the validat
 through the task's extra link (the reports plugin), and save screenshots under test-artifacts/ui/.
 
 Needs Debian's chromium (scripts/setup_browser.sh) and the playwright Python package; no
-browser download. Runs ~3-6 minutes on a loaded 2-core machine.
+browser download. A few minutes on a quiet 2-core machine (`make demo` with W8A8 and larger
+settings took 3 min 54 s end to end); W8A8's calibrated quantization is the longest stage, and
+beside another CPU-heavy job (load average 6-7) the run took 16.5 min (quantize 8 min), hence
+the generous deadline.
 
     .venv/bin/python -m pytest -m slow tests/ui/test_browser.py
 """
@@ -31,7 +34,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 DAG = "llm_quantization"
 SMALL = {"calibration_samples": 16, "max_seq_length": 128, "ppl_max_tokens": 1024, "num_prompts": 2,
          "max_new_tokens": 8, "task_limit": 0, "sensitivity_layers": 0}
-RUN_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 1800
 
 pytestmark = pytest.mark.slow
 
