@@ -283,7 +283,15 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks_dir: Pat
 
     def generations():
         gens = greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens, placement)
-        answers = greedy_generate(model, tok, [a["prompt"] for a in asks], s.answer_tokens, placement)
+        # one batch per few-shot prefix: the engine computes a batch's shared prefix once
+        groups: dict[str, list[int]] = {}
+        for i, a in enumerate(asks):
+            groups.setdefault(a["prompt"].rpartition("\n")[0], []).append(i)
+        answers: list = [None] * len(asks)
+        for idx in groups.values():
+            for i, g in zip(idx, greedy_generate(model, tok, [asks[i]["prompt"] for i in idx], s.answer_tokens,
+                                                 placement)):
+                answers[i] = g
         rows = [{**a, "text": g["text"]} for a, g in zip(asks, answers)]
         if reference is None:  # the baseline: how sure it is of each answer's first word or number
             head = [_answer_head(tok, g["token_ids"]) for g in answers]
