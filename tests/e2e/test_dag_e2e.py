@@ -12,7 +12,7 @@ from quantpipe.artifacts import uri_to_path, verify_folder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-FAST = {"calibration_samples": 16, "max_seq_length": 128, "ppl_max_tokens": 2048, "num_prompts": 4,
+FAST = {"calibration_samples": 16, "max_seq_length": 128, "ppl_max_tokens": 1024, "num_prompts": 4,
         "max_new_tokens": 16, "task_limit": 0, "sensitivity_layers": 2, "remediation": False,
         "deploy": False}
 
@@ -141,11 +141,13 @@ def test_corrupt_checkpoint_is_refused(dag, model_dir, tmp_path):
 
 
 def test_remediation_turns_a_failing_recipe_into_a_passing_one(dag, artifact_root):
-    # FP8 on every layer moves held-out perplexity by ~3.4 % on these 1024 tokens; keeping the
-    # first/last blocks and the 6 most sensitive layers in BF16 brings it to ~1.5 % (measured)
-    dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-remedy", "ppl_max_tokens": 1024,
-                              "num_prompts": 2, "max_new_tokens": 8, "sensitivity_layers": 8,
-                              "ppl_increase_pct": 2.5, "remediation": True,
+    # FP8 on every layer moves held-out perplexity by +1.95 % [1.43, 2.47] on these 5 x 2048
+    # tokens (measured): not within 1.6 %; keeping the first/last blocks and the 6 most sensitive
+    # layers in BF16 more than halves it (3.4 -> 1.5 % measured on prose). No escalation here
+    # (time_budget_s 0): the first verdict stands.
+    dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-remedy", "ppl_max_tokens": 2048,
+                              "num_prompts": 2, "max_new_tokens": 8, "sensitivity_layers": 8, "time_budget_s": 0,
+                              "ppl_increase_pct": 1.6, "remediation": True,
                               "remediation_attempts": 2})
     assert str(dr.state) == "success", states
     assert states["validate"] == "success" and states["remediate_1"] == "success"
