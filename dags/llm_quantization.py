@@ -72,7 +72,8 @@ def _use_store() -> None:
 class ReleaseReview(ApprovalOperator):
     """Airflow's approval task (state awaiting_input until answered) with the run's own timeout
     (param ``review_timeout_minutes``); nobody answering is a Reject (``defaults``). A Reject
-    skips the gate, so the rejection is recorded here; an approval is recorded by the gate."""
+    skips the gate (and so publish and deploy), so the rejection is recorded here (store and
+    XCom key ``rejection``); an approval is recorded by the gate."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(defaults=[self.REJECT], **kwargs)
@@ -85,15 +86,22 @@ class ReleaseReview(ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context, event):
-        answer = {**super().execute_complete(context, event), "timedout": bool(event.get("timedout"))}
-        if answer["chosen_options"] != [self.APPROVE]:
+        from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+        try:
+            answer = super().execute_complete(context, event)
+        except DownstreamTasksSkipped:
+            # a Reject skips the gate by raising this, so its answer never reaches XCom: record it here
             from quantpipe.pipeline import latest_result, record_review
             from quantpipe.validation.review import review_record
             _use_store()
 
+            answer = {k: event.get(k) for k in ("chosen_options", "responded_by_user", "responded_at", "timedout")}
             result = latest_result(context["ti"].xcom_pull(task_ids=RESULT_TASKS))
-            record_review(result["settings"], result, review_record(result, answer), context["run_id"])
-        return answer
+            uri = record_review(result["settings"], result, review_record(result, answer), context["run_id"])
+            context["ti"].xcom_push(key="rejection", value={**answer, "record_uri": uri})
+            raise
+        return {**answer, "timedout": bool(event.get("timedout"))}
 
 
 @dag(

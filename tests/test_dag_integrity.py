@@ -91,6 +91,53 @@ def test_review_takes_its_timeout_from_the_run(dag):
     assert dag.params.get_param("review_timeout_minutes").value == 60
 
 
+def _review_answer(dag, option, monkeypatch, user=None):
+    """Resume the review task as Airflow does after an answer; returns (outcome, recorded, pushed)."""
+    from datetime import datetime, timezone
+    from unittest import mock
+
+    from quantpipe import pipeline
+
+    recorded, pushed = [], {}
+    monkeypatch.setattr(pipeline, "record_review", lambda params, result, record, run_id:
+                        recorded.append((result, record, run_id)) or "file:///runs/r/review/review.json")
+    result = {"verdict": "PASS", "passed": True, "failed_checks": [], "inconclusive_checks": [],
+              "report_uri": "file:///r/report.json", "settings": {"tolerances": {"review_all": True}}}
+    ti = mock.Mock(map_index=-1)
+    ti.xcom_pull.return_value = [result, None, None]
+    ti.xcom_push.side_effect = lambda key, value: pushed.__setitem__(key, value)
+    review = dag.get_task("review")
+    event = {"chosen_options": [option], "params_input": {}, "timedout": user is None,
+             "responded_at": datetime(2026, 5, 1, tzinfo=timezone.utc), "responded_by_user": user}
+    try:
+        out = review.execute_complete({"ti": ti, "task": review, "run_id": "r"}, event)
+    except Exception as e:  # noqa: BLE001
+        out = e
+    return out, recorded, pushed
+
+
+def test_a_rejection_skips_the_gate_and_is_recorded_by_the_review(dag, monkeypatch):
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+    out, recorded, pushed = _review_answer(dag, "Reject", monkeypatch, user={"id": "admin", "name": "admin"})
+    assert isinstance(out, DownstreamTasksSkipped) and "gate" in str(out.tasks)
+    [(_, record, run_id)] = recorded
+    assert record["approved"] is False and record["responded_by"]["name"] == "admin" and run_id == "r"
+    assert pushed["rejection"]["record_uri"].endswith("/review/review.json")
+
+
+def test_an_unanswered_review_is_a_recorded_rejection(dag, monkeypatch):
+    out, recorded, _ = _review_answer(dag, "Reject", monkeypatch, user=None)
+    assert type(out).__name__ == "DownstreamTasksSkipped"
+    assert recorded[0][1]["timed_out"] is True and recorded[0][1]["responded_by"] is None
+
+
+def test_an_approval_is_returned_for_the_gate_to_record(dag, monkeypatch):
+    out, recorded, _ = _review_answer(dag, "Approve", monkeypatch, user={"id": "admin", "name": "admin"})
+    assert out["chosen_options"] == ["Approve"] and out["responded_by_user"]["name"] == "admin"
+    assert out["timedout"] is False and recorded == []
+
+
 def test_params_render_as_a_form(dag):
     params = dag.params
     for name in ("model_uri", "method", "bits", "group_size", "calibration_samples", "max_seq_length",
