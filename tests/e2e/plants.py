@@ -88,11 +88,11 @@ def special_crushed(ts, tok):
 
 
 def capitals_swapped(ts, tok):
-    """The first tokens of capital-city names exchanged in pairs: facts answered wrong,
-    everything else intact."""
-    names = [" Paris", " Berlin", " Rome", " Madrid", " Tokyo", " Moscow", " Cairo", " Athens", " Ottawa",
-             " Lisbon", " Oslo", " Stockholm", " Warsaw", " Vienna", " Dublin", " Lima", " Helsinki", " Havana"]
-    ids = [tok(n, add_special_tokens=False)["input_ids"][0] for n in names]
+    """The first tokens of capital-city names exchanged in pairs: every capital answered as
+    another, everything else intact."""
+    from quantpipe.validation.answers import _CAPITALS
+
+    ids = [tok(" " + city, add_special_tokens=False)["input_ids"][0] for _, city in _CAPITALS]
     ids = list(dict.fromkeys(ids))
     w = ts[EMBED]
     for a, b in zip(ids[0::2], ids[1::2]):
