@@ -24,7 +24,6 @@ Token classes are read off the tokenizer's vocabulary, so they work for any mode
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,8 +62,6 @@ def token_class_table(tokenizer, reference_ids: list[int] | None = None) -> dict
             masks["digits"][i] = True
         elif t and all(ch in _OPS for ch in t):
             masks["operators"][i] = True
-        elif t and all(unicodedata.category(ch).startswith("Z") or ch in "\n\t\r" for ch in s):
-            masks["whitespace"][i] = True
     if reference_ids is not None:
         counts = np.bincount(np.asarray(reference_ids, dtype=np.int64), minlength=n)[:n]
         masks["rare"] = (counts <= RARE_MAX_COUNT) & ~masks["special"]
