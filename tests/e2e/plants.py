@@ -155,7 +155,7 @@ CATEGORY = {
     "whitespace_noise": (whitespace_noise, {"kl:class:whitespace", "top1:class:whitespace",
                                             "flips:class:whitespace"}),
     "special_crushed": (special_crushed, {"kl:class:special", "top1:class:special", "flips:class:special"}),
-    "capitals_swapped": (capitals_swapped, {"answer_flips"}),
+    "capitals_swapped": (capitals_swapped, {"answers:fact"}),
     "code_keywords_noise": (code_keywords_noise, {"kl:domain:code", "top1:domain:code", "flips:domain:code"}),
 }
 WHOLE = {
