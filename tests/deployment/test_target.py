@@ -227,3 +227,16 @@ def test_failed_deploy_explains_itself():
     died = HealthError("vLLM pid 7 died during the health check; log:\n...")
     msg = explain_failure(died, "W4A16_ASYM", avx512, s)
     assert "died on its first completions" in msg and "QUANTPIPE_DEPLOY_TARGET" in msg
+
+
+def test_server_scratch_leaves_room_for_vllm_ipc_sockets(tmp_path):
+    """vLLM binds ZeroMQ sockets at $TMPDIR/<uuid4>; a Unix socket path holds at most 107 bytes."""
+    deep = tmp_path / ("d" * 90) / "state"
+    for state in (tmp_path, deep):
+        env = build_env(DeploySettings.load({"state_dir": state}, environ={}), None, "cpu-avx2")
+        sock = Path(env["TMPDIR"]) / "3cd723f5-381a-4483-834d-b4f3dfeea905"
+        assert len(str(sock)) <= 107, sock
+        assert Path(env["TMPDIR"]).is_dir()
+    assert env["TMPDIR"] != str(deep / "tmp")
+    other = build_env(DeploySettings.load({"state_dir": tmp_path / ("e" * 90)}, environ={}), None, "cpu-avx2")
+    assert other["TMPDIR"] != env["TMPDIR"], "two state folders share one scratch"

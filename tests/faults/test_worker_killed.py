@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -54,21 +55,35 @@ def test_killed_quantize_task_is_retried_and_leaves_one_complete_artifact(airflo
     quantized = Path(af.artifact_root) / "quantized"
     before = {p.name for p in quantized.iterdir()} if quantized.is_dir() else set()
     try:
-        # 1. wait for the save to start, then kill the process that writes
-        victim, deadline = None, time.time() + 900
-        while victim is None and time.time() < deadline:
-            found = _scratch(quantized)
-            if found:
-                victim = found[0]
-                break
-            ti = _ti(af, token, run_id)
-            assert ti.get("state") not in ("success", "failed", "upstream_failed"), \
-                f"{TASK} ended ({ti.get('state')}) before its save was seen; nothing was killed"
-            time.sleep(0.02)
-        assert victim is not None, "the quantize task never started saving"
-        pid = int(victim.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        # 1. wait for the save to start, then kill the process that writes. The save of a
+        #    small model lasts about a second, shorter than one REST call on a loaded machine:
+        #    a thread watches the folder alone and kills at once; the task state is read beside it.
+        seen: list[Path] = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set() and not seen:
+                found = _scratch(quantized)
+                if found:  # kill at once, from here
+                    os.kill(int(found[0].name.rsplit(".tmp-", 1)[1].split("-")[0]), signal.SIGKILL)
+                    seen.append(found[0])
+                    return
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        deadline = time.time() + 900
+        try:
+            while not seen and time.time() < deadline:
+                ti = _ti(af, token, run_id)
+                watcher.join(0.5)
+                assert seen or ti.get("state") not in ("success", "failed", "upstream_failed"), \
+                    f"{TASK} ended ({ti.get('state')}) before its save was seen; nothing was killed"
+        finally:
+            stop.set()
+        assert seen, "the quantize task never started saving"
+        victim = seen[0]
         final = quantized / victim.name[1:].rsplit(".tmp-", 1)[0]
-        os.kill(pid, signal.SIGKILL)
         t_kill = time.time()
 
         # 2. the try fails; the final path never shows a partial artifact meanwhile

@@ -8,12 +8,14 @@ recycled PID is never signalled. The API key travels in the child's environment
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -90,13 +92,26 @@ def build_argv(s: DeploySettings, model_dir: Path, served_name: str, port: int, 
     return argv
 
 
+# vLLM binds ZeroMQ IPC sockets as $TMPDIR/<uuid4>; a Unix socket path is limited to 107 bytes.
+_SOCKET_PATH_ROOM = 107 - len("/") - 36
+
+
+def scratch_dir(state_dir: Path) -> Path:
+    """The server's TMPDIR: under the state folder, or a short private one when that is too long."""
+    tmp = Path(state_dir) / "tmp"
+    if len(str(tmp.resolve())) <= _SOCKET_PATH_ROOM:
+        return tmp
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"quantpipe-vllm-{os.getuid()}-{digest}"
+
+
 def build_env(s: DeploySettings, api_key: str | None, target: str | None = None) -> dict[str, str]:
     target = target or s.serving_target().name
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "QUANTPIPE_VLLM_API"))}
     cache = s.state_dir / "cache"
-    tmp = s.state_dir / "tmp"
+    tmp = scratch_dir(s.state_dir)
     for d in (cache, tmp):
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TMPDIR": str(tmp),
                 "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
