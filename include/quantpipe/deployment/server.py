@@ -44,6 +44,7 @@ class ServerHandle(BaseModel):
     log_path: str
     launched_at: float
     argv: list[str]
+    devices: list[int] | None = None  # cuda: the GPUs it was pinned to (CUDA_VISIBLE_DEVICES); None: not pinned
 
     @property
     def base_url(self) -> str:
@@ -75,6 +76,7 @@ def pick_port(s: DeploySettings, avoid: set[int] = frozenset()) -> int:
 
 def build_argv(s: DeploySettings, model_dir: Path, served_name: str, port: int, target: str | None = None) -> list[str]:
     target = target or s.serving_target().name
+    s = s.resolved(target)  # limits left at None take the target's defaults (settings.TARGET_DEFAULTS)
     argv = [*s.command, "serve", str(model_dir),
             "--served-model-name", served_name,
             "--host", s.host, "--port", str(port),
@@ -105,7 +107,8 @@ def scratch_dir(state_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"quantpipe-vllm-{os.getuid()}-{digest}"
 
 
-def build_env(s: DeploySettings, api_key: str | None, target: str | None = None) -> dict[str, str]:
+def build_env(s: DeploySettings, api_key: str | None, target: str | None = None,
+              devices: list[int] | None = None) -> dict[str, str]:
     target = target or s.serving_target().name
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "QUANTPIPE_VLLM_API"))}
     cache = s.state_dir / "cache"
@@ -121,13 +124,15 @@ def build_env(s: DeploySettings, api_key: str | None, target: str | None = None)
         env.pop(k, None)
     if target.startswith("cpu"):
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{s.cpu_kvcache_space_gib:g}"
+    elif devices is not None:  # pinned by the switch-over decision (nvidia-smi's indices: PCI bus order)
+        env.update({"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))})
     if api_key:
         env["VLLM_API_KEY"] = api_key
     return env
 
 
 def launch(s: DeploySettings, model_dir: Path, served_name: str, *, port: int | None = None,
-           api_key: str | None = None, tag: str = "server") -> ServerHandle:
+           api_key: str | None = None, tag: str = "server", devices: list[int] | None = None) -> ServerHandle:
     """Start the server detached and return at once (see ``wait_healthy``)."""
     exe = s.command[0]
     if "/" in exe and not os.access(exe, os.X_OK):
@@ -148,7 +153,7 @@ def launch(s: DeploySettings, model_dir: Path, served_name: str, *, port: int | 
         out.write((json.dumps({"argv": argv}) + "\n").encode())
         out.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=build_env(s, api_key, target), cwd=str(s.state_dir), start_new_session=True,
+                                env=build_env(s, api_key, target, devices), cwd=str(s.state_dir), start_new_session=True,
                                 close_fds=True)
     ticks = None
     for _ in range(50):
@@ -157,8 +162,10 @@ def launch(s: DeploySettings, model_dir: Path, served_name: str, *, port: int | 
             break
         time.sleep(0.02)
     h = ServerHandle(pid=proc.pid, start_ticks=ticks or -1, host=s.host, port=port, model_dir=str(model_dir),
-                     served_model_name=served_name, log_path=str(log_path), launched_at=time.time(), argv=argv)
-    log.info("launched vLLM pid %d on %s for %s (log %s)", proc.pid, h.base_url, model_dir, log_path)
+                     served_model_name=served_name, log_path=str(log_path), launched_at=time.time(), argv=argv,
+                     devices=list(devices) if devices is not None and not target.startswith("cpu") else None)
+    log.info("launched vLLM pid %d on %s for %s%s (log %s)", proc.pid, h.base_url, model_dir,
+             f" on GPU(s) {h.devices}" if h.devices is not None else "", log_path)
     return h
 
 
@@ -194,6 +201,28 @@ def wait_healthy(h: ServerHandle, timeout: float, poll: float = 1.0) -> float:
             pass
         time.sleep(poll)
     raise LaunchError(f"vLLM (pid {h.pid}) not healthy after {timeout:.0f} s; end of its log:\n{log_tail(h)}")
+
+
+def group_rss_bytes(h: ServerHandle, proc: Path = Path("/proc")) -> int:
+    """Resident memory of the server's process group (vLLM's engine core is a child); 0 when it is gone.
+    Shared pages count once per process: an upper bound of what stopping it frees."""
+    if not is_alive(h):
+        return 0
+    total = 0
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            pgrp = int(stat[stat.rindex(")") + 2:].split()[2])
+            if pgrp != h.pid:
+                continue
+            for line in (d / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def stop(h: ServerHandle, timeout: float = 30) -> bool:

@@ -25,6 +25,21 @@ VLLM_CMD_ENV = "QUANTPIPE_VLLM_CMD"
 DEFAULT_VLLM_CMD = f"{REPO / '.venv-serving' / 'bin' / 'python'} {REPO / 'scripts' / 'vllm_cpu.py'}"
 
 Target = Literal["auto", "cpu-avx2", "cpu-avx512", "cuda"]
+SwitchMode = Literal["auto", "beside", "drain-and-replace"]
+
+# Limits a field left at None takes on each kind of target: the one place these defaults live.
+# CPU: a 2-core CPU serves a few sequences at a time; eager mode (graph capture costs 40-60 s of startup there).
+# CUDA: a serving GPU: CUDA graphs on (no --enforce-eager), vLLM's own GPU-sized batch limits.
+TARGET_DEFAULTS: dict[str, dict] = {
+    "cpu": {"max_model_len": 2048, "max_num_seqs": 8, "max_num_batched_tokens": 2048, "enforce_eager": True},
+    "cuda": {"max_model_len": 8192, "max_num_seqs": 256, "max_num_batched_tokens": 8192, "enforce_eager": False},
+}
+LIMIT_FIELDS = tuple(TARGET_DEFAULTS["cpu"])
+
+
+def target_kind(target: str) -> str:
+    """``cpu`` or ``cuda``: which column of TARGET_DEFAULTS a target uses."""
+    return "cuda" if target == "cuda" else "cpu"
 
 
 class DeploySettings(BaseModel):
@@ -42,9 +57,13 @@ class DeploySettings(BaseModel):
     host: str = Field("127.0.0.1", title="Bind address of the vLLM servers and the stable endpoint")
     endpoint_port: int = Field(8000, ge=1024, le=65535, title="Stable endpoint port (what clients call)")
     backend_ports: tuple[int, int] = Field((8100, 8199), title="Port range for vLLM servers behind the endpoint")
-    max_model_len: int = Field(2048, ge=64, le=131072, title="Max model length (tokens)")
-    max_num_seqs: int = Field(8, ge=1, le=1024, title="Max concurrent sequences")
-    max_num_batched_tokens: int = Field(2048, ge=64, le=262144, title="Max batched tokens per step")
+    max_model_len: int | None = Field(None, ge=64, le=131072, title="Max model length (tokens)",
+                                      description="None: the target's default (TARGET_DEFAULTS), capped at the "
+                                                  "model's max_position_embeddings")
+    max_num_seqs: int | None = Field(None, ge=1, le=1024, title="Max concurrent sequences",
+                                     description="None: the target's default (TARGET_DEFAULTS)")
+    max_num_batched_tokens: int | None = Field(None, ge=64, le=262144, title="Max batched tokens per step",
+                                               description="None: the target's default (TARGET_DEFAULTS)")
     enable_chunked_prefill: bool = Field(True, title="Chunked prefill")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, title="GPU memory utilisation (cuda only)")
     cpu_kvcache_space_gib: float = Field(1.0, gt=0, le=512, title="KV cache size on CPU (GiB, VLLM_CPU_KVCACHE_SPACE)")
@@ -52,12 +71,23 @@ class DeploySettings(BaseModel):
                                             description="Measured ~3 GB RSS for a 135M model on vllm-cpu 0.32")
     min_free_disk_gib: float = Field(1.0, ge=0, title="Free disk needed for logs and compile caches (GiB)")
     tensor_parallel_size: int = Field(1, ge=1, le=64, title="Tensor parallel size")
-    enforce_eager: bool = Field(True, title="Eager mode (no graph compilation; 40-60 s startup on CPU)")
+    enforce_eager: bool | None = Field(None, title="Eager mode (no graph compilation)",
+                                       description="None: the target's default (TARGET_DEFAULTS): eager on CPU "
+                                                   "(40-60 s startup), CUDA graphs on a GPU")
     dtype: str = Field("auto", title="dtype passed to vLLM")
     api_key_env: str = Field("QUANTPIPE_VLLM_API_KEY", title="Env var holding the API key (never logged)")
     state_dir: Path = Field(REPO / ".cache" / "serving", title="Logs, proxy state and vLLM caches")
     startup_timeout_s: float = Field(300, gt=0, title="Seconds to wait for /health after launch")
     stop_timeout_s: float = Field(30, gt=0, title="Seconds between SIGTERM and SIGKILL")
+    switchover: SwitchMode = Field("auto", title="Switch-over mode",
+                                   description="auto (default): beside the old server when free memory (read from "
+                                               "the device) holds both, else drain-and-replace "
+                                               "(switchover.py, placement.py). beside / drain-and-replace force one")
+    drain_timeout_s: float = Field(120, ge=0, title="Seconds to wait for requests in flight before a server stops",
+                                   description="The endpoint stops routing new requests to the old server first")
+    switchover_margin_gib: float = Field(1.0, ge=0, title="Memory kept free when starting beside (GiB)",
+                                         description="beside only when the new server's need plus this margin fits "
+                                                     "the free memory (host RAM on CPU, the GPU's free memory)")
     request_timeout_s: float = Field(120, gt=0, title="Timeout of one health/bench request")
     health_num_prompts: int = Field(3, ge=1, le=64, title="Validation prompts replayed by the health check")
     health_max_tokens: int = Field(16, ge=1, le=1024, title="Greedy tokens compared per prompt")
@@ -92,9 +122,12 @@ class DeploySettings(BaseModel):
             raise ValueError(f"backend_ports {self.backend_ports} must be an increasing range within 1024-65535")
         if lo <= self.endpoint_port <= hi:
             raise ValueError(f"endpoint_port {self.endpoint_port} lies inside backend_ports {self.backend_ports}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        # limits left at None are checked once resolved for a target (``resolved``)
+        if None not in (self.max_num_batched_tokens, self.max_num_seqs) and \
+                self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+        if None not in (self.max_num_batched_tokens, self.max_model_len) and not self.enable_chunked_prefill \
+                and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
                              f"must be >= max_model_len ({self.max_model_len})")
         return self
@@ -107,6 +140,26 @@ class DeploySettings(BaseModel):
         """The target this worker serves on: ``target`` when set, else detected (``probes`` replace the
         host's /proc/cpuinfo flags and GPU count in tests: cpu_flags=, cpuinfo=, gpus=)."""
         return resolve_target(self.target, self.vllm_cmd, **probes)
+
+    @property
+    def is_resolved(self) -> bool:
+        return all(getattr(self, f) is not None for f in LIMIT_FIELDS)
+
+    def resolved(self, target: str, max_position_embeddings: int | None = None) -> "DeploySettings":
+        """These settings with every limit left at None set to ``target``'s default (TARGET_DEFAULTS), a
+        defaulted max_model_len capped at the model's ``max_position_embeddings``; values set explicitly
+        (override or env) are kept (pre-flight refuses one the model cannot take). Idempotent."""
+        if self.is_resolved:
+            return self
+        defaults = dict(TARGET_DEFAULTS[target_kind(target)])
+        if max_position_embeddings:
+            defaults["max_model_len"] = min(defaults["max_model_len"], max_position_embeddings)
+        values = self.model_dump()
+        values.update({f: defaults[f] for f in LIMIT_FIELDS if values[f] is None})
+        try:
+            return type(self)(**values)
+        except ValueError as e:
+            raise PipelineError(f"invalid deployment settings for target {target}: {e}") from e
 
     @classmethod
     def load(cls, overrides: dict | None = None, environ: dict | None = None) -> "DeploySettings":
