@@ -95,14 +95,19 @@ def fake_env(tmp_path, monkeypatch):
     s = make_settings(tmp_path / "state", vllm_cmd=f"{sys.executable} {FAKE_VLLM}", startup_timeout_s=20,
                       stop_timeout_s=5, cpu_runtime_overhead_gib=0.1)
     yield s, ArtifactStore(tmp_path / "store"), tmp_path
-    from quantpipe.deployment import switchover
+    teardown_all(ArtifactStore(tmp_path / "store"), s)
 
-    for name in ("smollm2",):
-        switchover.teardown(ArtifactStore(tmp_path / "store"), s, name)
+
+def teardown_all(store, s) -> None:
+    """Stop every deployment's server in ``store`` and the endpoint of ``s`` (whatever a test left)."""
+    from quantpipe.deployment import switchover
+    from quantpipe.deployment.server import stop
+
+    root = store.path("deployments")
+    for name in sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        switchover.teardown(store, s, name, stop_endpoint=False)
     h = switchover.proxy_handle(s)
     if h:
-        from quantpipe.deployment.server import stop
-
         stop(h, 5)
 
 

@@ -34,7 +34,8 @@ def gens(answers=GOOD):
 
 def test_settings_defaults_env_and_overrides():
     s = DeploySettings.load(environ={})
-    assert s.host == "127.0.0.1" and s.enforce_eager and s.command[-1].endswith("vllm_cpu.py")
+    assert s.host == "127.0.0.1" and s.command[-1].endswith("vllm_cpu.py")
+    assert s.enforce_eager is None and s.resolved("cpu-avx2").enforce_eager  # per target: settings_defaults test
     s = DeploySettings.load({"max_num_seqs": 4}, environ={"QUANTPIPE_VLLM_CMD": "vllm",
                                                           "QUANTPIPE_DEPLOY_MAX_MODEL_LEN": "1024",
                                                           "QUANTPIPE_DEPLOY_BACKEND_PORTS": "9100-9110"})
@@ -45,7 +46,8 @@ def test_settings_defaults_env_and_overrides():
     ({"host": "localhost.example"}, "must be an IP address"),
     ({"endpoint_port": 8150}, "inside backend_ports"),
     ({"max_num_seqs": 0}, "max_num_seqs"),
-    ({"enable_chunked_prefill": False, "max_num_batched_tokens": 512}, "without chunked prefill"),
+    ({"enable_chunked_prefill": False, "max_num_batched_tokens": 512, "max_model_len": 1024},
+     "without chunked prefill"),
     ({"vllm_cmd": "  "}, "vllm_cmd is empty"),
 ])
 def test_settings_refuse_bad_values(bad, msg):
@@ -176,12 +178,12 @@ def test_proxy_switches_upstream_and_streams(fake_env):
         switchover.ensure_proxy(s)
         url = switchover.endpoint_url(s)
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(url + "/v1/models")
-        assert e.value.code == 503
+            urllib.request.urlopen(url + "/v1/completions", data=b'{"prompt": "x"}')
+        assert e.value.code == 503  # nothing deployed
         for srv, tag in ((a, "a"), (b, "b")):
             h = ServerHandle(pid=1, start_ticks=0, host="127.0.0.1", port=srv.server_address[1], model_dir="",
-                             served_model_name=tag, log_path="", launched_at=0, argv=[])
-            switchover.switch_endpoint(s, h, None)
+                             served_model_name="m", log_path="", launched_at=0, argv=[])
+            switchover.switch_endpoint(s, h, None)  # one model served: requests naming none go to it
             req = urllib.request.Request(url + "/x", headers={"Authorization": "Bearer k"})
             assert json.loads(urllib.request.urlopen(req).read()) == {"upstream": tag, "auth": "Bearer k"}
             assert urllib.request.urlopen(url + "/stream").read() == "".join(
@@ -224,7 +226,7 @@ def test_switchover_failure_paths_and_rollback(fake_env):
     m2 = fake_model(tmp, "m2", GOOD)
     d2 = _deploy(s, store, m2, "run2")
     assert d2["port"] != d1["port"] and d2["previous_record_uri"] == d1["record_uri"]
-    assert switchover.endpoint_status(s)["upstream"].endswith(f":{d2['port']}")
+    assert switchover.route(s, "smollm2")["upstream"].endswith(f":{d2['port']}")
     h1 = switchover.load_record(d1["record_uri"])[0].server
     assert not server.is_alive(h1), "the old server is stopped after the switch"
 

@@ -17,8 +17,8 @@ from ..errors import PipelineError
 from ..settings import Environment, PipelineParams
 from . import switchover
 from .health import HealthError
-from .preflight import PreflightError, check_report, run_preflight
-from .server import LaunchError
+from .preflight import PreflightError, check_report, model_max_len, run_preflight
+from .server import LaunchError, group_rss_bytes, is_alive
 from .settings import DeploySettings
 from .target import FAST_METHOD, TargetInfo
 
@@ -30,16 +30,25 @@ def _api_key(s: DeploySettings, api_key: str | None) -> str | None:
 
 
 def _summary(uri: str, rec: switchover.DeploymentRecord) -> dict:
+    sw = rec.switchover or {}
     return {"endpoint_url": rec.endpoint_url, "model": rec.served_model_name, "model_uri": rec.model_uri,
             "scheme": rec.scheme, "pid": rec.server.pid, "port": rec.server.port,
             "server_url": rec.server.base_url, "record_uri": uri, "kind": rec.kind,
             "load_seconds": rec.load_seconds, "health_agreement": rec.health_agreement,
-            "previous_record_uri": rec.previous_record_uri, "log_path": rec.server.log_path}
+            "previous_record_uri": rec.previous_record_uri, "log_path": rec.server.log_path,
+            "switchover": {k: sw.get(k) for k in ("mode", "reason", "devices", "drain", "unavailable_seconds")}}
+
+
+def _live_rss(store: ArtifactStore, name: str) -> int:
+    """Memory the name's live server holds (freed when a drain-and-replace stops it)."""
+    cur = switchover.current_record(store, name)
+    return group_rss_bytes(cur[1].server) if cur and is_alive(cur[1].server) else 0
 
 
 def explain_failure(err: Exception, scheme: str, target: TargetInfo, s: DeploySettings) -> str:
     """One paragraph for a failed launch or health check: what went wrong, why it may have, what to try.
-    The original message (with the end of the server's log) follows it."""
+    The original message (with the end of the server's log) follows it. A drain-and-replace that started
+    the old model again (``err.restored``) or could not (``err.restore_error``) says so."""
     msg = str(err)
     low = msg.lower()
     if "timed out" in low:
@@ -71,7 +80,15 @@ def explain_failure(err: Exception, scheme: str, target: TargetInfo, s: DeploySe
         tries.append("check the checkpoint's config.json against the validated model's")
     if not tries:
         tries.append("read the server log below")
-    return f"deploy failed: {what}{why}. Try: {'; or '.join(tries)}. Details: {msg}"
+    restored, lost = getattr(err, "restored", None), getattr(err, "restore_error", None)
+    after = ""
+    if restored:
+        after = (f" Automatic rollback: the previous model ({restored['scheme']}, {restored['model_uri']}) serves "
+                 f"again, {restored['seconds']:g} s after the switch-over began (record {restored['record_uri']}).")
+    elif lost:
+        after = (" Starting the previous model again failed too, so nothing serves this name now: "
+                 f"{lost.splitlines()[0][:300]}.")
+    return f"deploy failed: {what}{why}.{after} Try: {'; or '.join(tries)}. Details: {msg}"
 
 
 def deploy_approved(params: dict, approved: dict, validation: dict, run_id: str, *, api_key: str | None = None,
@@ -84,9 +101,10 @@ def deploy_approved(params: dict, approved: dict, validation: dict, run_id: str,
         raise PipelineError("no approved_uri from publish_approved; nothing to deploy")
     model_dir = uri_to_path(approved["approved_uri"])
     target = s.serving_target()
+    s = s.resolved(target.name, model_max_len(model_dir))  # the target's defaults for limits left unset
     try:
         report = check_report(validation, approved["approved_uri"])
-        pf = run_preflight(model_dir, s, target=target)
+        pf = run_preflight(model_dir, s, target=target, reclaimable_bytes=_live_rss(store, p.run_name))
     except PreflightError as e:
         raise PreflightError(f"deploy refused by pre-flight: {e}") from e
     log.info("pre-flight passed: %s on %s, weights %.1f MB, needs ~%s GiB", pf.scheme, pf.target,
@@ -94,7 +112,8 @@ def deploy_approved(params: dict, approved: dict, validation: dict, run_id: str,
     try:
         uri, rec = switchover.deploy(store, s, name=p.run_name, run_id=run_id, model_dir=model_dir,
                                      scheme=pf.scheme, expected=report["generations"]["quantized"],
-                                     report_uri=validation["report_uri"], api_key=_api_key(s, api_key))
+                                     report_uri=validation["report_uri"], api_key=_api_key(s, api_key),
+                                     need_bytes=pf.memory_needed_bytes, target=target)
     except (LaunchError, HealthError) as e:
         raise type(e)(explain_failure(e, pf.scheme, target, s)) from e
     return {**_summary(uri, rec), "target": pf.target}
@@ -104,18 +123,32 @@ def rollback(name: str, run_id: str, *, api_key: str | None = None, settings: di
     """Restore the previous deployment of ``name`` (the run name); returns the new record's summary."""
     s = DeploySettings.load(settings)
     store = ArtifactStore(Environment.from_env().artifact_root)
-    uri, rec = switchover.rollback(store, s, name=name, run_id=run_id, api_key=_api_key(s, api_key))
+    target = s.serving_target()
+    need = None
+    cur = switchover.current_record(store, name)
+    if cur and cur[1].previous_record_uri:  # size the previous model for the switch-over decision
+        prev_dir = uri_to_path(switchover.load_record(cur[1].previous_record_uri)[0].model_uri)
+        if prev_dir.is_dir():
+            s = s.resolved(target.name, model_max_len(prev_dir))
+            try:
+                need = run_preflight(prev_dir, s, target=target,
+                                     reclaimable_bytes=_live_rss(store, name)).memory_needed_bytes
+            except PreflightError as e:
+                raise PreflightError(f"rollback refused by pre-flight: {e}") from e
+    try:
+        uri, rec = switchover.rollback(store, s, name=name, run_id=run_id, api_key=_api_key(s, api_key),
+                                       need_bytes=need, target=target)
+    except (LaunchError, HealthError) as e:
+        raise type(e)(explain_failure(e, "?", target, s)) from e
     return _summary(uri, rec)
 
 
 def status(name: str, settings: dict | None = None) -> dict:
     """The live record of ``name`` and whether its server is alive."""
-    from .server import is_alive
-
     s = DeploySettings.load(settings)
     store = ArtifactStore(Environment.from_env().artifact_root)
     cur = switchover.current_record(store, name)
     if cur is None:
         return {"name": name, "deployed": False}
     return {**_summary(cur[0], cur[1]), "alive": is_alive(cur[1].server),
-            "endpoint": switchover.endpoint_status(s)}
+            "endpoint": switchover.route(s, name)}

@@ -152,16 +152,26 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int = 2) -> int:
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
+def model_max_len(model_dir: Path) -> int | None:
+    """The checkpoint's max_position_embeddings (None when unreadable: pre-flight then says why)."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run_preflight(model_dir: Path, s: DeploySettings, *, mem_available: int | None = None,
                   cpu_flags: set[str] | None = None, gpus: int | None = None,
-                  target: TargetInfo | None = None) -> PreflightResult:
+                  target: TargetInfo | None = None, reclaimable_bytes: int = 0) -> PreflightResult:
     """Checkpoint, scheme on the serving target, context length, memory and disk. Raises PreflightError.
 
     The target is ``s.serving_target()`` (detected unless configured); ``cpu_flags`` / ``gpus`` / ``target``
-    replace the host's probes in tests. Logs the target, and a WARNING for a scheme served only through a
-    slow fallback there."""
+    replace the host's probes in tests. Limits left at None take the target's defaults. Logs the target,
+    and a WARNING for a scheme served only through a slow fallback there. ``reclaimable_bytes``: memory the
+    name's live server frees if the switch-over replaces it (drain-and-replace), counted as available."""
     info = target or s.serving_target(cpu_flags=cpu_flags, gpus=gpus)
     config = _read_json(model_dir / "config.json", "checkpoint config")
+    s = s.resolved(info.name, config.get("max_position_embeddings"))
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         raise PreflightError(f"{model_dir} holds no *.safetensors weights")
@@ -199,10 +209,12 @@ def run_preflight(model_dir: Path, s: DeploySettings, *, mem_available: int | No
                          f"max_num_seqs={s.max_num_seqs}; requests will queue")
         need = wbytes + kv_space + int(s.cpu_runtime_overhead_gib * GiB)
         avail = _mem_available() if mem_available is None else mem_available
-        if avail is not None and need > avail:
+        if avail is not None and need > avail + reclaimable_bytes:
+            freed = f" (+ {reclaimable_bytes / GiB:.1f} GiB the live server frees when replaced)" \
+                if reclaimable_bytes else ""
             raise PreflightError(f"the server needs ~{need / GiB:.1f} GiB (weights {wbytes / GiB:.2f} + KV cache "
                                  f"{s.cpu_kvcache_space_gib} + runtime {s.cpu_runtime_overhead_gib}) but only "
-                                 f"{avail / GiB:.1f} GiB of memory is available")
+                                 f"{avail / GiB:.1f} GiB of memory is available{freed}")
     else:
         log.info("pre-flight: GPU memory is checked by vLLM itself (gpu_memory_utilization %s)",
                  s.gpu_memory_utilization)
