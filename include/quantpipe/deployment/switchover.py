@@ -247,7 +247,14 @@ def drain(s: DeploySettings, upstream_url: str, api_key: str | None = None, time
     t0 = time.monotonic()
     first = left = None
     while True:
-        st = proxy_status(s, api_key)
+        try:
+            st = proxy_status(s, api_key)
+        except PipelineError as e:  # e.g. this deploy has no key while other names have one: cannot count
+            log.warning("drain of %s: cannot read the requests in flight (%s); waiting %.0f s instead",
+                        upstream_url, e, min(timeout, 5.0))
+            time.sleep(min(timeout, 5.0))
+            return {"drained": False, "waited_s": round(time.monotonic() - t0, 2), "in_flight_at_start": None,
+                    "in_flight_left": None, "error": str(e)}
         left = 0 if st is None else int(st.get("in_flight", {}).get(upstream_url, 0))
         first = left if first is None else first
         waited = time.monotonic() - t0
@@ -484,4 +491,6 @@ def endpoint_status(s: DeploySettings) -> dict:
 
 
 def route(s: DeploySettings, name: str) -> dict | None:
-    return endpoint_status(s)["routes"].get(name)
+    """``name``'s route on the endpoint (upstream, state, record), without the key digest."""
+    r = endpoint_status(s)["routes"].get(name)
+    return {k: v for k, v in r.items() if k != "key_sha256"} if r is not None else None
