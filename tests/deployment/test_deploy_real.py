@@ -78,17 +78,17 @@ def live(env, w8a8_model, gens_w8a8) -> dict:
     return st
 
 
-def _deploy(env: Env, model: Path, gens: list[dict], run: str) -> dict:
+def _deploy(env: Env, model: Path, gens: list[dict], run: str, name: str = NAME, **settings) -> dict:
     from quantpipe.deployment.api import deploy_approved
 
     v = write_validation(env.store, run, model, gens)
-    return deploy_approved(params(NAME), {"approved_uri": model.as_uri()}, v, run, api_key=KEY,
-                           settings=env.settings)
+    return deploy_approved(params(name), {"approved_uri": model.as_uri()}, v, run, api_key=KEY,
+                           settings={**env.settings, **settings})
 
 
-def _complete(s, prompt="The capital of France is", key=KEY) -> dict:
+def _complete(s, prompt="The capital of France is", key=KEY, model=NAME) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{s.endpoint_port}/v1/completions",
-                                 data=json.dumps({"model": NAME, "prompt": prompt, "max_tokens": 8,
+                                 data=json.dumps({"model": model, "prompt": prompt, "max_tokens": 8,
                                                   "temperature": 0}).encode(),
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {key}"} if key else {})})
@@ -138,7 +138,7 @@ def test_switchover_to_bf16_and_rollback(env, live, model_dir, gens_bf16, w8a8_m
     print("bf16 deploy:", {k: d[k] for k in ("load_seconds", "health_agreement", "pid", "port", "scheme")})
     assert d["scheme"] == "BF16" and d["previous_record_uri"] == live["record_uri"]
     assert not is_alive(_record(live["record_uri"]).server), "old W8A8 server stopped after the switch"
-    assert endpoint_status(s)["upstream"] == d["server_url"]
+    assert endpoint_status(s)["routes"][NAME]["upstream"] == d["server_url"]
     assert "Paris" in _complete(s)["choices"][0]["text"]
 
     r = rollback(NAME, "rollback-1", api_key=KEY, settings=env.settings)
@@ -175,15 +175,17 @@ def test_health_check_catches_wrong_answers(env, live, model_dir, gens_bf16):
     print("wrong-config health:", str(e.value)[:400])
     assert "answers unlike the validated model" in str(e.value)
     assert is_alive(_record(live["record_uri"]).server)
-    assert endpoint_status(env.s)["upstream"] == live["server_url"]
+    assert endpoint_status(env.s)["routes"][NAME]["upstream"] == live["server_url"]
     assert "Paris" in _complete(env.s)["choices"][0]["text"]
 
 
 @pytest.fixture
 def own_env(serving_venv, tmp_path, monkeypatch):
+    from .conftest import teardown_all
+
     e = _make_env(tmp_path, monkeypatch)
     yield e
-    _teardown(e)
+    teardown_all(e.store, e.s)  # every name this test deployed, and its endpoint
 
 
 def test_4bit_served_where_the_target_serves_it_else_refused(own_env, gptq4_model, gens_gptq4):
@@ -213,3 +215,106 @@ def test_4bit_served_where_the_target_serves_it_else_refused(own_env, gptq4_mode
         assert "avx2 without avx512f" in msg and "method w8a8" in msg
         assert status(NAME, settings=env.settings) == {"name": NAME, "deployed": False}
         assert not list((env.s.state_dir / "logs").glob("*.log")), "no server was launched"
+
+
+def _stream(s, model: str, max_tokens: int, first: "threading.Event", out: dict) -> None:
+    """A streamed completion through the endpoint; sets ``first`` at its first chunk, then reads to the end."""
+    body = {"model": model, "prompt": "Once upon a time, in a small village,", "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    req = urllib.request.Request(f"http://127.0.0.1:{s.endpoint_port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    chunks, t0 = [], time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            for line in r:
+                if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+                    first.set()
+        out.update(status=r.status, chunks=chunks, seconds=time.monotonic() - t0)
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        out.update(error=repr(e), chunks=chunks)
+    finally:
+        first.set()
+
+
+def test_two_models_behind_one_endpoint_switch_over_independently(own_env, w8a8_model, gens_w8a8, model_dir,
+                                                                   gens_bf16):
+    """Two run names on one endpoint (two real vLLM servers); beta is replaced (drain-and-replace: a streamed
+    request in flight on it finishes first) while alpha keeps answering; then a broken model for beta fails
+    its launch and beta's previous model is started again automatically."""
+    import threading
+
+    from quantpipe.deployment import switchover
+    from quantpipe.deployment.api import status
+    from quantpipe.deployment.server import LaunchError, is_alive
+
+    env, s = own_env, own_env.s
+    t0 = time.monotonic()
+    a = _deploy(env, w8a8_model, gens_w8a8, "run-alpha", name="alpha")
+    b = _deploy(env, w8a8_model, gens_w8a8, "run-beta", name="beta")
+    print("alpha:", {k: a[k] for k in ("load_seconds", "health_agreement", "port")}, "beta:",
+          {k: b[k] for k in ("load_seconds", "health_agreement", "port")}, f"both up after {time.monotonic() - t0:.0f} s")
+    assert a["switchover"]["mode"] == b["switchover"]["mode"] == "fresh"
+    for name in ("alpha", "beta"):
+        out = _complete(s, model=name)
+        assert out["model"] == name and "Paris" in out["choices"][0]["text"]
+    models = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{s.endpoint_port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}), timeout=30).read())
+    assert sorted(m["id"] for m in models["data"]) == ["alpha", "beta"]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _complete(s, model="gamma")
+    assert e.value.code == 404 and "`gamma`" in json.loads(e.value.read())["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{s.endpoint_port}/proxy/status", timeout=10)
+    assert e.value.code == 401
+
+    # beta -> BF16 by drain-and-replace, with a streamed request in flight on beta and alpha asked throughout
+    first, inflight = threading.Event(), {}
+    streamer = threading.Thread(target=_stream, args=(s, "beta", 96, first, inflight))
+    streamer.start()
+    assert first.wait(120) and "error" not in inflight, inflight
+    alpha_answers, done = [], threading.Event()
+
+    def ask_alpha():
+        while not done.is_set():
+            try:
+                alpha_answers.append("Paris" in _complete(s, model="alpha")["choices"][0]["text"])
+            except Exception as e:  # noqa: BLE001
+                alpha_answers.append(repr(e))
+            done.wait(2)
+    asker = threading.Thread(target=ask_alpha)
+    asker.start()
+    t1 = time.monotonic()
+    try:
+        b2 = _deploy(env, model_dir, gens_bf16, "run-beta-bf16", name="beta", switchover="drain-and-replace")
+    finally:
+        done.set()
+        asker.join(60)
+        streamer.join(300)
+    sw = b2["switchover"]
+    print("beta -> bf16:", {k: b2[k] for k in ("load_seconds", "health_agreement", "scheme")}, sw,
+          f"switch {time.monotonic() - t1:.0f} s; in-flight stream {len(inflight.get('chunks', []))} chunks in "
+          f"{inflight.get('seconds', 0):.1f} s; alpha answered {alpha_answers.count(True)}/{len(alpha_answers)}")
+    assert inflight.get("status") == 200 and "error" not in inflight, inflight.get("error")
+    assert inflight["chunks"][-1]["choices"][0]["finish_reason"] == "length", "the stream in flight finished whole"
+    assert sw["mode"] == "drain-and-replace" and sw["drain"]["drained"] and sw["drain"]["in_flight_at_start"] == 1
+    assert b2["scheme"] == "BF16" and not is_alive(switchover.load_record(b["record_uri"])[0].server)
+    assert alpha_answers and all(x is True for x in alpha_answers), alpha_answers
+    st = status("alpha", settings=env.settings)
+    assert st["alive"] and st["pid"] == a["pid"] and st["record_uri"] == a["record_uri"], "alpha was not touched"
+    assert "Paris" in _complete(s, model="beta")["choices"][0]["text"]
+
+    # a model for beta that cannot start: beta's BF16 server is started again; alpha still untouched
+    broken = _clone(model_dir, env.root / "broken", architectures=["NoSuchModelForCausalLM"])
+    t2 = time.monotonic()
+    with pytest.raises(LaunchError) as e:
+        _deploy(env, broken, gens_bf16, "run-beta-broken", name="beta", switchover="drain-and-replace")
+    print(f"broken beta: automatic rollback in {time.monotonic() - t2:.0f} s:", str(e.value)[:300])
+    assert "Automatic rollback: the previous model (BF16" in str(e.value)
+    st = status("beta", settings=env.settings)
+    assert st["alive"] and st["kind"] == "restore" and st["model_uri"] == model_dir.resolve().as_uri()
+    assert st["previous_record_uri"] == b["record_uri"]
+    assert "Paris" in _complete(s, model="beta")["choices"][0]["text"]
+    assert status("alpha", settings=env.settings)["pid"] == a["pid"]
+    assert "Paris" in _complete(s, model="alpha")["choices"][0]["text"]
+    print(f"whole test (after fixtures) {time.monotonic() - t0:.0f} s")
