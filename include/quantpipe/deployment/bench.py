@@ -50,6 +50,9 @@ def throughput(base_url: str, model: str, gen_tokens: int, timeout: float = 300)
 
 def measure(s: DeploySettings, model_dir: Path, label: str, *, repeats: int = 3, gen_tokens: int = 64,
             port: int | None = None) -> dict:
+    from .settings import LIMIT_FIELDS
+
+    s = s.resolved(s.serving_target().name)  # the limits the server runs with (per target when unset)
     h = srv.launch(s, model_dir, label, port=port, tag=f"bench-{label}")
     try:
         load_s = srv.wait_healthy(h, s.startup_timeout_s, poll=0.25)
@@ -66,4 +69,5 @@ def measure(s: DeploySettings, model_dir: Path, label: str, *, repeats: int = 3,
     return {"label": label, "model_dir": str(model_dir), "load_s": round(load_s, 2),
             "first_request_s": round(first, 3), "ttft_s": round(statistics.median(ttfts), 4),
             "ttft_all_s": [round(x, 4) for x in ttfts], "tokens_per_s": round(statistics.median(tps), 2),
-            "tokens_per_s_all": [round(x, 2) for x in tps], "gen_tokens": gen_tokens}
+            "tokens_per_s_all": [round(x, 2) for x in tps], "gen_tokens": gen_tokens,
+            "limits": {f: getattr(s, f) for f in LIMIT_FIELDS}}
