@@ -92,6 +92,8 @@ def form_fields() -> dict[str, tuple[object, dict]]:
             schema = {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}}
         elif ann is int:
             schema: dict = {"type": "integer"}
+        elif ann == int | None:  # deployment limits: empty = the serving target's default
+            schema = {"type": ["null", "integer"]}
         elif ann is float:
             schema = {"type": "number"}
         elif name in ("calibration_dataset", "eval_domains_path"):
