@@ -17,6 +17,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from quantpipe.logs import quiet_task
+
 QUEUE_SERVING = "serving"
 
 
@@ -29,7 +31,7 @@ QUEUE_SERVING = "serving"
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1), "on_execute_callback": quiet_task},
     tags=["serving", "monitoring"],
     params={
         "deployment": Param("smollm2", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",

@@ -38,6 +38,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from quantpipe.form import form_fields
+from quantpipe.logs import quiet_task
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",
@@ -45,6 +46,8 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(seconds=20),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
+    # every task first routes library output (progress bars, notices) into logging at its real level
+    "on_execute_callback": quiet_task,
 }
 QUEUE_QUANTIZE = "gpu-a100"
 QUEUE_FP8 = "gpu-h100"

@@ -32,13 +32,16 @@ from pathlib import Path
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, Param, TriggerRule, Variable, dag, get_current_context, task
 
+from quantpipe.logs import quiet_task
+
 MAIN_DAG = "llm_quantization"
 MODELS_VARIABLE = "quantpipe_requantize_models"
 METHODS_VARIABLE = "quantpipe_requantize_methods"
 WATCH_VARIABLE = "quantpipe_checkpoint_watch_dir"
 YAML_PATH = Path(__file__).resolve().parents[1] / "include" / "requantize.yaml"
 CHECKPOINTS_ASSET = Asset("quantpipe://checkpoints/incoming", group="quantpipe")
-DEFAULT_ARGS = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)}
+DEFAULT_ARGS = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30),
+                "on_execute_callback": quiet_task}  # library output into logging at its real level
 
 
 def _root() -> Path:

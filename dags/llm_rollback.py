@@ -17,6 +17,8 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from quantpipe.logs import quiet_task
+
 QUEUE_SERVING = "serving"
 
 
@@ -29,6 +31,7 @@ QUEUE_SERVING = "serving"
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
+    default_args={"on_execute_callback": quiet_task},  # library output into logging at its real level
     tags=["serving", "vllm"],
     params={"deployment": Param("smollm2", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
                                 title="Deployment (run name)")},

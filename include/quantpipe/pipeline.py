@@ -119,6 +119,8 @@ def prep_checkpoint(params: dict) -> dict:
     ppl = metrics["perplexity"]["perplexity"]
     log.info("baseline perplexity %.3f (%s, %.1f s)", ppl, "cached" if reused else "computed",
              time.perf_counter() - t0)
+    if not reused:
+        log.info("baseline measured: %s", _measured(metrics))
     ckpt_uri = _upload(folder, f"checkpoints/{info.checkpoint_hash[:24]}") if _REMOTE else path_to_uri(folder)
     uri = _publish(store, uri_to_path(uri))
     return {"checkpoint_uri": ckpt_uri, "checkpoint_hash": info.checkpoint_hash,
@@ -145,6 +147,9 @@ def run_quantization(params: dict, prep: dict, calib: dict) -> dict:
     samples = load_samples(_local(calib["calibration_uri"])) if calib.get("calibration_uri") else None
     res = quantize(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"], p.quant, samples,
                    calib.get("calibration_key"), p.calibration.max_seq_length)
+    if samples and not res.reused:
+        log.info("quantized with %d calibration samples in %.1f s (%.3g samples/s)", len(samples), res.seconds,
+                 len(samples) / res.seconds if res.seconds else 0.0)
     return {"quantized_uri": _publish(store, uri_to_path(res.uri)), "scheme": res.scheme, "method": p.quant.method,
             "seconds": res.seconds, "size_bytes": res.size_bytes, "reused": res.reused}
 
@@ -203,6 +208,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
         else:
             quantized = measure_loaded(qmodel, tok, heldout, s, tasks, reference, placement)
         quantized.pop("dist")
+        log.info("round %d measured: %s", len(rounds) + 1, _measured(quantized))
         pos, missing = _positions(baseline, quantized, reference)
         classes = classes if classes is not None else _token_classes(tok, env.cache_dir)
         wanted = list(s.tasks) if tasks is not None else []
@@ -316,6 +322,17 @@ def escalate(s, checks: list, b_acc: dict | None, elapsed: float, rounds: int):
     if "tasks" in undecided and s.task_limit and sizes and max(sizes) >= s.task_limit:
         update["task_limit"] = min(s.task_limit * 2, 5000)
     return s.model_copy(update=update) if update else None
+
+
+def _measured(m: dict) -> str:
+    """One line of what a measurement covered, with its rates: held-out tokens, prompts, task items."""
+    secs = m.get("measure_seconds") or 0.0
+    tokens = (m.get("heldout") or {}).get("tokens") or 0
+    items = sum(t.get("n", 0) for t in ((m.get("accuracy") or {}).get("tasks") or {}).values())
+    parts = [f"{tokens} held-out tokens", f"{len(m.get('generations') or [])} greedy prompts",
+             f"{len(m.get('answers') or [])} answer prompts"] + ([f"{items} task items"] if items else [])
+    rate = f" ({tokens / secs:.0f} tokens/s overall)" if secs else ""
+    return f"{', '.join(parts)} in {secs:.1f} s{rate}"
 
 
 def _fmt(x: float | None) -> str:
