@@ -316,7 +316,7 @@ def escalate(s, checks: list, b_acc: dict | None, elapsed: float, rounds: int):
         return None
     undecided = {c.group for c in checks if c.verdict == "INCONCLUSIVE"}
     update = {}
-    if undecided & {"overall", "domain", "token class"} and s.ppl_max_tokens * 2 <= 1_000_000:
+    if undecided & {"overall", "domain", "token class", "context"} and s.ppl_max_tokens * 2 <= 1_000_000:
         update["ppl_max_tokens"] = s.ppl_max_tokens * 2
     sizes = [t["n"] for t in ((b_acc or {}).get("tasks") or {}).values()]
     if "tasks" in undecided and s.task_limit and sizes and max(sizes) >= s.task_limit:

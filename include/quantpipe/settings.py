@@ -172,15 +172,16 @@ class Tolerances(_Frozen):
                                 description="Largest accepted mean KL in any one domain or token class")
     min_slice_top1: float = Field(0.7, ge=0, le=1, title="Top-1 agreement floor per slice",
                                   description="Smallest accepted top-1 agreement in any one domain or token class")
-    slice_ratio: float = Field(3.0, ge=1, le=100, title="Concentration ratio",
-                               description="A slice may carry this many times the overall mean KL (and top-1 "
-                                           "disagreement) before its excess counts as concentrated damage")
-    max_kl_excess: float = Field(0.05, ge=0, title="KL excess ceiling per slice (nats)",
-                                 description="Largest accepted mean KL of a slice beyond slice_ratio x the overall "
-                                             "mean KL")
-    max_disagree_excess: float = Field(0.1, ge=0, le=1, title="Disagreement excess ceiling per slice",
+    slice_ratio: float = Field(2.0, ge=1, le=100, title="Concentration ratio",
+                               description="A slice may carry this many times the mean KL (and top-1 "
+                                           "disagreement) of the positions it is compared with before its "
+                                           "excess counts as concentrated damage (sound methods: at most 1.6x)")
+    max_kl_excess: float = Field(0.02, ge=0, title="KL excess ceiling per slice (nats)",
+                                 description="Largest accepted mean KL of a slice beyond slice_ratio x that of "
+                                             "the other positions of the same text (other domains for a domain)")
+    max_disagree_excess: float = Field(0.05, ge=0, le=1, title="Disagreement excess ceiling per slice",
                                        description="Largest accepted top-1 disagreement of a slice beyond "
-                                                   "slice_ratio x the overall disagreement")
+                                                   "slice_ratio x that of the other positions")
     max_answer_flip_rate: float = Field(0.25, ge=0, le=1, title="Known-fact loss ceiling",
                                         description="Largest accepted share of the short factual answers the "
                                                     "baseline knows (right, first token p >= 0.5) that the "

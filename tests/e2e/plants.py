@@ -57,8 +57,9 @@ def _rotate_rows(ts, ids: list[int]) -> None:
 
 
 def digits_noise(ts, tok):
-    """Digit tokens' embedding rows perturbed (half a row's spread of noise)."""
-    _noise_rows(ts, _ids(tok, lambda s: s.strip().isdigit()), 1.0, 0)
+    """Digit tokens' embedding rows perturbed by noise of 0.15x a row's spread: perplexity
+    moves about 2 %, overall KL stays at FP8's level, the digits carry nearly all of it."""
+    _noise_rows(ts, _ids(tok, lambda s: s.strip().isdigit()), 0.15, 0)
 
 
 def digits_rotated(ts, tok):
@@ -77,8 +78,9 @@ def brackets_swapped(ts, tok):
 
 
 def whitespace_noise(ts, tok):
-    """Whitespace and newline tokens (indentation, line breaks) perturbed: format breaks."""
-    _noise_rows(ts, _ids(tok, lambda s: bool(s) and not s.strip()), 1.5, 1)
+    """Whitespace and newline tokens (indentation, line breaks) perturbed by 0.3x a row's
+    spread: perplexity +5 %, the error sits on format tokens."""
+    _noise_rows(ts, _ids(tok, lambda s: bool(s) and not s.strip()), 0.3, 1)
 
 
 def special_crushed(ts, tok):
@@ -99,6 +101,9 @@ def capitals_swapped(ts, tok):
         w[[a, b]] = w[[b, a]].clone()
 
 
+CODE_NOISE = 0.5  # x a row's spread
+
+
 def code_keywords_noise(ts, tok):
     """Python keywords and identifiers' pieces perturbed: code breaks, prose barely moves."""
     kw = ("def", "return", "for", "in", "if", "elif", "else", "while", "import", "from", "lambda", "assert",
@@ -107,7 +112,7 @@ def code_keywords_noise(ts, tok):
     for k in kw:
         for form in (k, " " + k, "(" + k, "." + k):
             ids.update(tok(form, add_special_tokens=False)["input_ids"][-1:])
-    _noise_rows(ts, sorted(ids), 1.0, 2)
+    _noise_rows(ts, sorted(ids), CODE_NOISE, 2)
 
 
 # whole-model faults
@@ -148,15 +153,14 @@ def lm_head_crushed(ts, tok):
 
 # name -> (edit, checks of which at least one must fail)
 CATEGORY = {
-    "digits_noise": (digits_noise, {"kl:class:digits", "top1:class:digits", "flips:class:digits"}),
+    "digits_noise": (digits_noise, {"kl_excess:class:digits", "disagree_excess:class:digits"}),
     "digits_rotated": (digits_rotated, {"kl:class:digits", "top1:class:digits", "flips:class:digits"}),
     "brackets_swapped": (brackets_swapped, {"kl:class:operators", "top1:class:operators",
                                             "flips:class:operators"}),
-    "whitespace_noise": (whitespace_noise, {"kl:class:whitespace", "top1:class:whitespace",
-                                            "flips:class:whitespace"}),
+    "whitespace_noise": (whitespace_noise, {"kl_excess:class:whitespace", "disagree_excess:class:whitespace"}),
     "special_crushed": (special_crushed, {"kl:class:special", "top1:class:special", "flips:class:special"}),
     "capitals_swapped": (capitals_swapped, {"answers:fact"}),
-    "code_keywords_noise": (code_keywords_noise, {"kl:domain:code", "top1:domain:code", "flips:domain:code"}),
+    "code_keywords_noise": (code_keywords_noise, {"kl_excess:domain:code", "disagree_excess:domain:code"}),
 }
 WHOLE = {
     "two_bit": (two_bit, {"perplexity", "kl_divergence", "top1_agreement"}),

@@ -24,7 +24,8 @@ def _classes() -> dict[str, np.ndarray]:
     return masks
 
 
-def _positions(damage_digits: float = 0.0, noise: float = 0.02, seed: int = 0, n: int = 6144) -> Positions:
+def _positions(damage_digits: float = 0.0, noise: float = 0.02, seed: int = 0, n: int = 6144,
+               damage_math: float = 0.0) -> Positions:
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, VOCAB, size=n).tolist()
     windows = [(i, 512, "prose" if i < n // 2 else "math") for i in range(0, n, 512)]
@@ -37,6 +38,10 @@ def _positions(damage_digits: float = 0.0, noise: float = 0.02, seed: int = 0, n
     if damage_digits:
         flip |= hit & (rng.random(p) < damage_digits)
         kl[hit] += damage_digits * 2
+    if damage_math:  # the second half of the windows is math text
+        in_math = np.arange(p) >= sum(w - 1 for s, w, d in windows if d == "prose")
+        flip |= in_math & (rng.random(p) < damage_math)
+        kl[in_math] += damage_math / 2
     top1_q = np.where(flip, (top1_b + 1) % VOCAB, top1_b)
     nll_b = rng.exponential(3.0, size=p)
     base = {"nll": nll_b, "top1": top1_b, "top1_logp": np.log(rng.uniform(0.3, 1.0, size=p))}
@@ -195,3 +200,35 @@ def test_only_answers_the_baseline_knows_confidently_count():
     c = [{**r, "text": " q"} for r in b]
     flips = answer_flips(b, c)
     assert flips["flipped"] == 3 and flips["kinds"]["fact"] == {"known": 1, "lost": 1, "prompts": 3}
+
+
+def test_one_domain_damaged_fails_its_excess_against_the_other_domains():
+    """A domain's blocks hold only its own text: it is compared with the other domains, not
+    with itself (which no damage could ever exceed)."""
+    base, cand = _measured()
+    checks, _ = run_checks(base, cand, Tolerances(), _positions(damage_math=0.1), _classes(), [])
+    by = {c.name: c for c in checks}
+    assert by["kl:domain:math"].verdict == "PASS"  # 0.07 nats: far under the absolute ceiling
+    assert by["kl_excess:domain:math"].verdict == "FAIL", by["kl_excess:domain:math"]
+    assert by["kl_excess:domain:prose"].verdict == "PASS"
+
+
+def test_a_class_that_fills_its_text_is_not_its_own_reference():
+    """Digits damaged where they make up most of the text: measured against the same blocks'
+    other positions the concentration shows; measured against a mean that includes the
+    damaged digits themselves, it would be diluted away."""
+    global DIGITS
+    saved, DIGITS = DIGITS, list(range(0, 40))  # 40 of 64 ids: most positions read or predict a digit
+    try:
+        classes = _classes()
+        classes["digits"][:] = False
+        classes["digits"][DIGITS] = True
+        base, cand = _measured()
+        pos = _positions(damage_digits=0.03, seed=5)
+        checks, _ = run_checks(base, cand, Tolerances(), pos, classes, [])
+    finally:
+        DIGITS = saved
+    by = {c.name: c for c in checks}
+    share = slice_masks(pos, classes)["class:digits"].mean()
+    assert share > 0.8, share
+    assert by["kl_excess:class:digits"].verdict == "FAIL", by["kl_excess:class:digits"]

@@ -10,7 +10,7 @@ The checks:
 - ``perplexity``, ``next_token_accuracy``, ``kl_divergence``, ``top1_agreement``,
   ``confident_flips``: all held-out positions;
 - ``kl:<slice>``, ``top1:<slice>``, ``flips:<slice>``, ``kl_excess:<slice>``,
-  ``disagree_excess:<slice>`` for every domain and token class (``slices``): damage
+  ``disagree_excess:<slice>`` for every domain, token class and the late-context slice (``slices``): damage
   confined to one capability, in absolute terms and as error concentrated in the slice;
 - ``answers:<kind>``: the share of the short factual and numeric answers the baseline
   knows that the candidate changed;
@@ -28,7 +28,7 @@ from pydantic import BaseModel, computed_field
 from ..settings import Tolerances
 from .answers import answer_flips
 from .metrics import consistency
-from .slices import Positions, slice_estimates, slice_masks
+from .slices import LATE_CONTEXT, Positions, slice_estimates, slice_masks
 from .stats import Estimate, Verdict, decide, detectable, paired_binary_drop, proportion
 
 PER_SLICE = ("kl", "top1", "flips")
@@ -106,10 +106,11 @@ def divergence_checks(pos: Positions | None, classes: dict[str, np.ndarray] | No
     names = [n for n in masks if n != "all"] if masks else []
     for sl in names:
         est = slice_estimates(pos, masks[sl], ratio=tol.slice_ratio)
-        group = "domain" if sl.startswith("domain:") else "token class"
-        label = sl.split(":", 1)[1]
+        kind, label = sl.split(":", 1)
+        group = {"domain": "domain", "context": "context"}.get(kind, "token class")
         n_pos = int(masks[sl].sum())
-        what = f"{label} {'text' if group == 'domain' else 'tokens (read or predicted)'}, {n_pos} positions"
+        what = {"domain": f"{label} text", "context": f"positions with at least {LATE_CONTEXT} tokens of context"
+                }.get(group, f"{label} tokens (read or predicted)") + f", {n_pos} positions"
         out.append(make_check(f"kl:{sl}", f"mean KL on {what}", group, est["kl"],
                               _limit(tol, f"kl:{sl}", tol.max_slice_kl), "max",
                               missing=f"fewer than 8 blocks of {sl} positions"))
@@ -119,12 +120,12 @@ def divergence_checks(pos: Positions | None, classes: dict[str, np.ndarray] | No
         out.append(make_check(f"flips:{sl}", f"confident predictions flipped on {what}", group, est["flips"],
                               _limit(tol, f"flips:{sl}", tol.max_flip_rate), "max",
                               missing=f"fewer than 8 blocks of confident {sl} positions"))
-        out.append(make_check(f"kl_excess:{sl}", f"mean KL on {what} beyond {tol.slice_ratio:g}x the overall "
-                              "mean KL (damage concentrated here)", group, est["kl_excess"],
+        out.append(make_check(f"kl_excess:{sl}", f"mean KL on {what} beyond {tol.slice_ratio:g}x the "
+                              "other positions' (damage concentrated here)", group, est["kl_excess"],
                               _limit(tol, f"kl_excess:{sl}", tol.max_kl_excess), "max",
                               missing=f"fewer than 8 blocks of {sl} positions"))
         out.append(make_check(f"disagree_excess:{sl}", f"top-1 disagreement on {what} beyond "
-                              f"{tol.slice_ratio:g}x the overall disagreement", group, est["disagree_excess"],
+                              f"{tol.slice_ratio:g}x the other positions'", group, est["disagree_excess"],
                               _limit(tol, f"disagree_excess:{sl}", tol.max_disagree_excess), "max",
                               missing=f"fewer than 8 blocks of {sl} positions"))
     return out

@@ -1,8 +1,9 @@
 """Divergence of the candidate from the baseline per slice of held-out positions.
 
 A slice is a named subset of positions: every position of one text *domain* (prose,
-math, code, structured output, chat, a user's domain), or every position that reads or
-predicts a token of one *token class*. Damage confined to one capability hides in
+math, code, structured output, chat, a user's domain), every position that reads or
+predicts a token of one *token class*, or every position deep into its window
+(``context:late``: a fault that grows with distance, such as a broken rotary scale). Damage confined to one capability hides in
 the overall means (a broken digit embedding moves perplexity by a few percent) but
 stands out in its slice.
 
@@ -14,7 +15,7 @@ Per slice, three measures of the candidate against the baseline:
   >= ``CONFIDENT``) that the candidate changes: sound quantization rarely flips a
   confident prediction, damage does;
 - ``kl_excess`` and ``disagree_excess``: how far the slice's mean KL (or its top-1
-  disagreement) exceeds ``ratio`` times the overall one. Sound quantization spreads its
+  disagreement) exceeds ``ratio`` times that of the other positions (see ``_excess``). Sound quantization spreads its
   error over every slice; damage confined to one capability concentrates it there, so
   this catches a fault too small to cross an absolute limit on a model whose overall
   error is small.
@@ -30,10 +31,11 @@ import numpy as np
 
 from .stats import Estimate, block_ratio
 
-TOKEN_CLASSES: tuple[str, ...] = ("digits", "operators", "whitespace", "special", "rare")
+TOKEN_CLASSES: tuple[str, ...] = ("digits", "operators", "punctuation", "whitespace", "special", "rare")
 CONFIDENT = 0.5
 BLOCK = 64  # positions per bootstrap block (consecutive positions of one window)
 _OPS = set("+-*/=<>()[]{}%^&|!~:;@#$\\")
+LATE_CONTEXT = 256  # positions at least this far into their window form the ``context:late`` slice
 RARE_MAX_COUNT = 2  # a token seen at most this often in the reference text is rare
 
 
@@ -62,6 +64,8 @@ def token_class_table(tokenizer, reference_ids: list[int] | None = None) -> dict
             masks["digits"][i] = True
         elif t and all(ch in _OPS for ch in t):
             masks["operators"][i] = True
+        elif t and all(not ch.isalnum() and not ch.isspace() for ch in t):
+            masks["punctuation"][i] = True  # quotes, commas, full stops: the skeleton of JSON and prose
     if reference_ids is not None:
         counts = np.bincount(np.asarray(reference_ids, dtype=np.int64), minlength=n)[:n]
         masks["rare"] = (counts <= RARE_MAX_COUNT) & ~masks["special"]
@@ -83,6 +87,7 @@ class Positions:
     top1_cand: np.ndarray
     p_top1_base: np.ndarray  # baseline's probability of its own top-1
     domains: list[str]
+    offset: np.ndarray | None = None  # position within its window (how much context it has)
 
     @property
     def blocks(self) -> int:
@@ -93,7 +98,7 @@ def positions_from(ids: list[int], windows: list[tuple[int, int, str]], domains:
                    cand: dict) -> Positions:
     """Lay out per-position arrays from the held-out ids, their windows ((start, length,
     domain) in ``ids``) and the two models' per-position outputs (same order)."""
-    tgt, src, dom, blk = [], [], [], []
+    tgt, src, dom, blk, off = [], [], [], [], []
     b = 0
     for start, length, d in windows:
         w = np.asarray(ids[start:start + length], dtype=np.int64)
@@ -103,13 +108,14 @@ def positions_from(ids: list[int], windows: list[tuple[int, int, str]], domains:
         dom.append(np.full(n, domains.index(d), dtype=np.int32))
         nb = (n + BLOCK - 1) // BLOCK
         blk.append(b + np.arange(n) // BLOCK)
+        off.append(np.arange(n))
         b += nb
     arr = lambda x: np.asarray(x, dtype=np.float64)  # noqa: E731
     return Positions(target=np.concatenate(tgt), source=np.concatenate(src), domain=np.concatenate(dom),
                      block=np.concatenate(blk), kl=arr(cand["kl"]), nll_base=arr(base["nll"]),
                      nll_cand=arr(cand["nll"]), top1_base=np.asarray(base["top1"]),
                      top1_cand=np.asarray(cand["top1"]), p_top1_base=np.exp(arr(base["top1_logp"])),
-                     domains=list(domains))
+                     domains=list(domains), offset=np.concatenate(off))
 
 
 def slice_masks(pos: Positions, classes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -120,11 +126,39 @@ def slice_masks(pos: Positions, classes: dict[str, np.ndarray]) -> dict[str, np.
         out[f"domain:{d}"] = pos.domain == i
     for c, vocab in classes.items():
         out[f"class:{c}"] = vocab[pos.target] | vocab[pos.source]
+    if pos.offset is not None and len(pos.offset):
+        late = pos.offset >= LATE_CONTEXT
+        if late.any() and not late.all():
+            out["context:late"] = late
     return out
 
 
 def _per_block(values: np.ndarray, mask: np.ndarray, block: np.ndarray, blocks: int) -> np.ndarray:
     return np.bincount(block[mask], weights=values[mask], minlength=blocks)
+
+
+def _excess(values: np.ndarray, mask: np.ndarray, block: np.ndarray, nb: int, ratio: float,
+            seed: int) -> Estimate | None:
+    """Slice mean minus ``ratio`` x the mean of the *other* positions it is compared with.
+
+    A token class is compared with the other positions of the same blocks (same domain,
+    same windows), so a class that is simply harder to predict in hard text is not
+    mistaken for damage. A domain (whose blocks hold nothing else) is compared with every
+    other domain. The slice is never part of its own reference: a damaged class that makes
+    up much of its text would otherwise raise the bar it is measured against.
+    """
+    rest = ~mask
+    count = np.bincount(block[mask], minlength=nb).astype(np.float64)
+    rest_count = np.bincount(block[rest], minlength=nb).astype(np.float64)
+    units = (count > 0).astype(np.float64)
+    if not (rest_count * units).any():  # a domain: its blocks hold only its own positions
+        units = ((count + rest_count) > 0).astype(np.float64)
+    rest_count = rest_count * units
+    rows = np.stack([_per_block(values, mask, block, nb), count,
+                     _per_block(values, rest, block, nb) * units, rest_count])
+    if rest_count.sum() == 0:
+        return None
+    return block_ratio(rows, units, seed, transform=lambda r: r[0] / np.maximum(r[1], 1e-12) - ratio * r[2] / np.maximum(r[3], 1e-12))
 
 
 def slice_estimates(pos: Positions, mask: np.ndarray, seed: int = 0, ratio: float = 3.0) -> dict[str, Estimate | None]:
@@ -139,15 +173,8 @@ def slice_estimates(pos: Positions, mask: np.ndarray, seed: int = 0, ratio: floa
     ppl = block_ratio(np.stack([_per_block(pos.nll_cand, mask, pos.block, nb),
                                 _per_block(pos.nll_base, mask, pos.block, nb)]), count, seed,
                       transform=lambda r: (np.exp(r[0] - r[1]) - 1) * 100)
-    allm = np.ones(len(mask), dtype=bool)
-    total = np.bincount(pos.block, minlength=nb).astype(np.float64)
-    blocks = np.ones(nb)
-    concentration = {}
-    for key, values in (("kl_excess", pos.kl), ("disagree_excess", 1 - agree)):
-        rows = np.stack([_per_block(values, mask, pos.block, nb), count, _per_block(values, allm, pos.block, nb),
-                         total])
-        concentration[key] = block_ratio(rows, blocks * (count > 0), seed,
-                                         transform=lambda r: r[0] / r[1] - ratio * r[2] / r[3])
+    concentration = {key: _excess(values, mask, pos.block, nb, ratio, seed)
+                     for key, values in (("kl_excess", pos.kl), ("disagree_excess", 1 - agree))}
     return {**concentration, "kl": block_ratio(_per_block(pos.kl, mask, pos.block, nb), count, seed),
             "top1": block_ratio(_per_block(agree, mask, pos.block, nb), count, seed),
             "flips": block_ratio(flips, conf_count, seed),
