@@ -45,10 +45,13 @@ def _plot_png(report: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 2, figsize=(12, 10.5))
-    (a, b), (c, d), (e1, e2) = axes
+    fig, axes = plt.subplots(4, 2, figsize=(12, 14))
+    (a, b), (c, d), (e1, e2), (f1, f2) = axes
     _slice_panel(e1, report, "kl:", "Mean KL per slice (bar) and its interval; limit dashed")
     _slice_panel(e2, report, "top1:", "Top-1 agreement per slice and its interval; limit dashed")
+    ratio = (report.get("tolerances") or {}).get("slice_ratio", "r")
+    _slice_panel(f1, report, "kl_excess:", f"Concentration: slice KL minus {ratio}x the other positions' (nats)")
+    _slice_panel(f2, report, "disagree_excess:", f"Concentration: slice disagreement minus {ratio}x the others'")
     acc = report.get("accuracy") or {}
     bt, qt = (acc.get("baseline") or {}).get("tasks", {}), (acc.get("quantized") or {}).get("tasks", {})
     names = [n for n in bt if n in qt]
