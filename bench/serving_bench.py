@@ -44,7 +44,7 @@ def main() -> None:
                       "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                                "load_avg_1m": round(os.getloadavg()[0], 2)},
                       "target": s.serving_target().as_dict(),
-                      "vllm_cmd": s.vllm_cmd, "enforce_eager": s.enforce_eager,
+                      "vllm_cmd": s.vllm_cmd, "enforce_eager": s.resolved(s.serving_target().name).enforce_eager,
                       "kvcache_gib": s.cpu_kvcache_space_gib, "results": results}))
 
 
