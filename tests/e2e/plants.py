@@ -101,6 +101,16 @@ def capitals_swapped(ts, tok):
         w[[a, b]] = w[[b, a]].clone()
 
 
+def yes_no_swapped(ts, tok):
+    """The rows of "yes" and "no" (each casing, with and without a leading space) exchanged:
+    every yes/no answer inverted, a few dozen held-out positions touched."""
+    w = ts[EMBED]
+    for a, b in ((" yes", " no"), (" Yes", " No"), ("yes", "no"), ("Yes", "No")):
+        ia, ib = (tok(x, add_special_tokens=False)["input_ids"] for x in (a, b))
+        if len(ia) == 1 and len(ib) == 1:
+            w[[ia[0], ib[0]]] = w[[ib[0], ia[0]]].clone()
+
+
 CODE_NOISE = 0.5  # x a row's spread
 
 
@@ -160,6 +170,7 @@ CATEGORY = {
     "whitespace_noise": (whitespace_noise, {"kl_excess:class:whitespace", "disagree_excess:class:whitespace"}),
     "special_crushed": (special_crushed, {"kl:class:special", "top1:class:special", "flips:class:special"}),
     "capitals_swapped": (capitals_swapped, {"answers:fact"}),
+    "yes_no_swapped": (yes_no_swapped, {"answers:yesno"}),
     "code_keywords_noise": (code_keywords_noise, {"kl_excess:domain:code", "disagree_excess:domain:code"}),
 }
 WHOLE = {

@@ -232,3 +232,16 @@ def test_a_class_that_fills_its_text_is_not_its_own_reference():
     share = slice_masks(pos, classes)["class:digits"].mean()
     assert share > 0.8, share
     assert by["kl_excess:class:digits"].verdict == "FAIL", by["kl_excess:class:digits"]
+
+
+def test_yes_no_questions_are_balanced_and_a_swapped_answer_pair_loses_them_all():
+    from quantpipe.validation.answers import answer_flips, answer_prompts, first_answer
+
+    asks = [a for a in answer_prompts() if a["kind"] == "yesno"]
+    assert len(asks) >= 40 and sum(a["expected"] == "yes" for a in asks) == len(asks) // 2
+    assert len({a["prompt"] for a in asks}) == len(asks)
+    assert first_answer(" Yes, it is.\nQ: next") == "yes"
+    base = [{**a, "text": " " + a["expected"], "p_first": 0.9} for a in asks]
+    swapped = [{**a, "text": " no" if a["expected"] == "yes" else " yes"} for a in asks]
+    k = answer_flips(base, swapped)["kinds"]["yesno"]
+    assert k["known"] == len(asks) and k["lost"] == len(asks)

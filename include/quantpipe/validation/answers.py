@@ -2,7 +2,7 @@
 
 Baseline and candidate answer each prompt greedily; the answer is the first word or
 number of the continuation. The gated measure, per kind of answer (``fact``,
-``number``), is the share of the answers the baseline *knows* that the candidate
+``yesno``, ``number``), is the share of the answers the baseline *knows* that the candidate
 changes; known: right, and the first answer token had probability >= ``CONFIDENT``
 under the baseline. A small model's guesses flip under any perturbation (a sound 4-bit
 GPTQ changed 16 of 57 right but unsure sums), what it knows a sound quantization keeps,
@@ -48,6 +48,23 @@ _FACTS = (("The chemical symbol for gold is", "Au"), ("The largest planet in our
           ("The theory of relativity was developed by Albert", "Einstein"),
           ("The Mona Lisa was painted by Leonardo da", "Vinci"), ("The square root of 81 is", "9"),
           ("The chemical symbol for water is", "H"), ("The first man on the Moon was Neil", "Armstrong"))
+# yes/no questions of common knowledge, half each way: a fault that exchanges two answer
+# tokens (a swapped pair of embedding rows) loses every one the baseline knows
+_YESNO = (("Is water wet?", "yes"), ("Do birds have feathers?", "yes"), ("Is the Earth round?", "yes"),
+          ("Do cats have four legs?", "yes"), ("Is the sky blue on a clear day?", "yes"), ("Is fire hot?", "yes"),
+          ("Do fish swim?", "yes"), ("Is snow cold?", "yes"), ("Is Paris in France?", "yes"),
+          ("Do cows give milk?", "yes"), ("Is a lemon sour?", "yes"), ("Is the ocean salty?", "yes"),
+          ("Do plants need sunlight?", "yes"), ("Is gold a metal?", "yes"), ("Does the sun rise in the east?", "yes"),
+          ("Is ice frozen water?", "yes"), ("Do dogs bark?", "yes"), ("Is a whale a mammal?", "yes"),
+          ("Is Tokyo in Japan?", "yes"), ("Do people need water to live?", "yes"),
+          ("Is the sun cold?", "no"), ("Can a fish ride a bicycle?", "no"), ("Is snow black?", "no"),
+          ("Do cats have wings?", "no"), ("Is ice hot?", "no"), ("Is the Earth flat?", "no"),
+          ("Do cows lay eggs?", "no"), ("Is a mouse bigger than an elephant?", "no"), ("Is Paris in Germany?", "no"),
+          ("Can a stone speak?", "no"), ("Is sugar salty?", "no"), ("Do trees walk?", "no"),
+          ("Is the moon made of cheese?", "no"), ("Is fire cold?", "no"), ("Do dogs have six legs?", "no"),
+          ("Is London in China?", "no"), ("Is water dry?", "no"), ("Can people breathe under water unaided?", "no"),
+          ("Is night brighter than day?", "no"), ("Do birds have fur?", "no"))
+_FEWSHOT_YESNO = "Q: Is the sun hot?\nA: yes\nQ: Is grass red?\nA: no\nQ: Can a car swim?\nA: no\nQ: Is milk white?\nA: yes\n"
 _FEWSHOT_ADD = "2 + 2 = 4\n3 + 5 = 8\n7 + 1 = 8\n"
 _FEWSHOT_MUL = "2 * 3 = 6\n4 * 2 = 8\n3 * 3 = 9\n"
 _FEWSHOT_SUB = "9 - 4 = 5\n7 - 2 = 5\n8 - 3 = 5\n"
@@ -56,11 +73,12 @@ _WORD = re.compile(r"[A-Za-z]+|\d+(?:\.\d+)?")
 
 
 def answer_prompts(seed: int = 0) -> list[dict]:
-    """~160 prompts: capitals, facts, and sums, products and differences of small numbers
-    (few-shot, so even a small model answers with a number)."""
+    """~250 prompts: capitals, facts, yes/no questions, and sums, products and differences
+    of small numbers (few-shot, so even a small model answers with a number or yes/no)."""
     rng = random.Random(seed)
     out = [{"prompt": f"The capital of {c} is", "expected": a, "kind": "fact"} for c, a in _CAPITALS]
     out += [{"prompt": p, "expected": a, "kind": "fact"} for p, a in _FACTS]
+    out += [{"prompt": f"{_FEWSHOT_YESNO}Q: {q}\nA:", "expected": a, "kind": "yesno"} for q, a in _YESNO]
     for shots, op, f in ((_FEWSHOT_ADD, "+", lambda a, b: a + b), (_FEWSHOT_MUL, "*", lambda a, b: a * b),
                          (_FEWSHOT_SUB, "-", lambda a, b: a - b)):
         pairs = [(a, b) for a in range(2, 20) for b in range(1, 10) if op != "-" or b <= a]
