@@ -193,7 +193,7 @@ def test_only_answers_the_baseline_knows_confidently_count():
 
     assert first_answer(" 12\n3 + 4 = 7") == "12" and first_answer(" Paris, the city") == "paris"
     asks = answer_prompts()
-    assert len(asks) == len({a["prompt"] for a in asks}) and {a["kind"] for a in asks} == {"fact", "number"}
+    assert len(asks) == len({a["prompt"] for a in asks}) and {a["kind"] for a in asks} == {"fact", "yesno", "number"}
     b = [{"prompt": "a", "kind": "fact", "expected": "x", "text": " x", "p_first": 0.9},
          {"prompt": "b", "kind": "fact", "expected": "y", "text": " y", "p_first": 0.2},  # right but unsure
          {"prompt": "c", "kind": "fact", "expected": "z", "text": " w", "p_first": 0.9}]  # wrong
