@@ -264,3 +264,48 @@ def test_deploy_refuses_failed_validation(fake_env):
         deploy_approved(params(), {"approved_uri": m.as_uri()}, v, "r", settings=s.model_dump(mode="json"))
     with pytest.raises(PipelineError, match="no approved_uri"):
         deploy_approved(params(), {}, v, "r", settings=s.model_dump(mode="json"))
+
+
+# ---- health timeouts scale with the server's measured speed ------------------------------------------------------
+
+def test_health_timeouts_scale_with_the_first_token():
+    from quantpipe.deployment.health import TIMEOUT_SAFETY, scaled_timeout
+
+    assert scaled_timeout(120, 0.05, 32) == 120  # a fast server: the configured timeout
+    assert scaled_timeout(120, 2.0, 32) == pytest.approx(TIMEOUT_SAFETY * 2.0 * 33)  # a slow fallback
+    assert scaled_timeout(10, 1.0, 0) == 10
+
+
+def test_a_server_too_slow_for_one_token_is_named_with_what_to_try():
+    import http.server
+    import threading
+    import time as _time
+
+    from quantpipe.deployment.health import HealthError, first_token_latency
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            _time.sleep(float(self.server.delay))
+            body = b'{"choices": [{"text": " x", "logprobs": {"tokens": ["token_id:7"]}}]}'
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        srv.delay = 0.3
+        assert 0.3 <= first_token_latency(url, "m", "p", None, timeout_s=5) < 5
+        srv.delay = 2.0
+        with pytest.raises(HealthError, match="far too slow.*W8A8"):
+            first_token_latency(url, "m", "p", None, timeout_s=0.5)
+    finally:
+        srv.shutdown()

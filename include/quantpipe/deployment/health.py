@@ -124,6 +124,34 @@ def compare(expected_ids: list[int], got_ids: list[int]) -> tuple[int, float]:
     return n, n / len(expected_ids)
 
 
+TIMEOUT_SAFETY = 4.0  # a request may take this many times what its tokens took on the first one
+
+
+def scaled_timeout(base_s: float, first_token_s: float, tokens: int) -> float:
+    """A request's timeout: the configured one, or longer where this server is slow.
+
+    The first request measures how long one token takes here (prefill of a short prompt);
+    a request for ``tokens`` more is given ``TIMEOUT_SAFETY`` times that per token, so a
+    target that serves a scheme through a slow fallback is measured, not timed out."""
+    return max(base_s, TIMEOUT_SAFETY * first_token_s * (1 + max(tokens, 0)))
+
+
+def first_token_latency(base_url: str, served_name: str, prompt: str, api_key: str | None,
+                        timeout_s: float) -> float:
+    """Seconds for a one-token completion (the first request also pays any warm-up)."""
+    t0 = time.perf_counter()
+    try:
+        greedy_completion(base_url, served_name, prompt, 1, api_key, timeout_s)
+    except HealthError as e:
+        if "timed out" not in str(e):
+            raise
+        raise HealthError(f"the first one-token completion did not finish within {timeout_s:.0f} s ({e}): the "
+                          "server is far too slow for this checkpoint on this target; try a scheme the target "
+                          "serves fast (W8A8 int8 on any CPU, see docs/serving.md), or raise request_timeout_s"
+                          ) from e
+    return time.perf_counter() - t0
+
+
 def check_health(base_url: str, served_name: str, generations: list[dict], s: DeploySettings,
                  api_key: str | None = None) -> HealthResult:
     """Raise HealthError when the server is down or answers unlike the validated model."""
@@ -143,14 +171,17 @@ def check_health(base_url: str, served_name: str, generations: list[dict], s: De
         raise HealthError("no validated generations to compare with")
     results = []
     t0 = time.perf_counter()
+    first = first_token_latency(base_url, served_name, generations[0]["prompt"], api_key, s.request_timeout_s)
+    log.info("first token in %.2f s: requests of n tokens may take up to max(%.0f s, %.0f x %.2f s x (n + 1))",
+             first, s.request_timeout_s, TIMEOUT_SAFETY, first)
     for g in generations[: s.health_num_prompts]:
         exp = list(g["token_ids"])[: s.health_max_tokens]
-        text, ids = greedy_completion(base_url, served_name, g["prompt"], max(len(exp), 1), api_key,
-                                      s.request_timeout_s)
+        wait = scaled_timeout(s.request_timeout_s, first, len(exp))
+        text, ids = greedy_completion(base_url, served_name, g["prompt"], max(len(exp), 1), api_key, wait)
         if not ids and text:
             raise HealthError("the server returned no token ids (return_tokens_as_token_ids unsupported?)")
         n, agree = compare(exp, ids)
-        top1, in_k = teacher_forced(base_url, served_name, g["prompt"], exp, api_key, s.request_timeout_s) \
+        top1, in_k = teacher_forced(base_url, served_name, g["prompt"], exp, api_key, wait) \
             if exp else ([], [])
         tf1 = sum(a == b for a, b in zip(top1, exp)) / len(exp) if exp else 1.0
         tfk = sum(in_k) / len(exp) if exp else 1.0
