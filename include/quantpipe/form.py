@@ -49,6 +49,9 @@ FIELDS: dict[str, tuple[type, str]] = {
     "review_all": (Tolerances, "review_all"),
     "review_timeout_minutes": (Tolerances, "review_timeout_minutes"),
     "eval_domains_path": (EvalSettings, "eval_domains_path"),
+    "tasks": (EvalSettings, "tasks"),
+    "user_tasks_uri": (EvalSettings, "user_tasks_uri"),
+    "chat_template": (EvalSettings, "chat_template"),
     "time_budget_s": (EvalSettings, "time_budget_s"),
     "remediation": (RemediationSettings, "enabled"),
     "remediation_attempts": (RemediationSettings, "max_attempts"),
@@ -65,7 +68,8 @@ SECTIONS = {"model_uri": "Model", "run_name": "Model", "method": "Quantization",
                                               "slice_ratio", "max_kl_excess", "max_disagree_excess",
                                               "max_answer_flip_rate", "max_number_flip_rate", "check_limits")},
             **{k: "Review" for k in ("inconclusive", "review_all", "review_timeout_minutes")},
-            "eval_domains_path": "Evaluation", "time_budget_s": "Evaluation", "task_limit": "Evaluation", "sensitivity_layers": "Evaluation", "max_mean_kl": "Gate tolerances",
+            "eval_domains_path": "Evaluation", "tasks": "Evaluation", "user_tasks_uri": "Evaluation",
+            "chat_template": "Evaluation", "time_budget_s": "Evaluation", "task_limit": "Evaluation", "sensitivity_layers": "Evaluation", "max_mean_kl": "Gate tolerances",
             "category_drop_pct": "Gate tolerances", "remediation": "Remediation",
             "remediation_attempts": "Remediation", "deploy": "Deployment",
             **{name: "Deployment" for name in DEPLOY_FORM_FIELDS}}
@@ -85,6 +89,8 @@ def form_fields() -> dict[str, tuple[object, dict]]:
     for name, (model, field) in FIELDS.items():
         info = model.model_fields[field]
         default = info.get_default(call_default_factory=True)
+        if isinstance(default, tuple):
+            default = list(default)
         ann = info.annotation
         if ann is bool:
             schema: dict = {"type": "boolean"}
@@ -96,8 +102,10 @@ def form_fields() -> dict[str, tuple[object, dict]]:
             schema = {"type": ["null", "integer"]}
         elif ann is float:
             schema = {"type": "number"}
-        elif name in ("calibration_dataset", "eval_domains_path"):
+        elif name in ("calibration_dataset", "eval_domains_path", "user_tasks_uri"):
             schema = {"type": ["null", "string"]}
+        elif ann == tuple[str, ...]:  # free-form list (the user's task names join the built-in ones)
+            schema = {"type": "array", "items": {"type": "string"}}
         else:
             schema = {"type": "string"}
         for m in info.metadata:

@@ -17,7 +17,7 @@ from pathlib import Path
 from .artifacts import ArtifactStore, path_to_uri, uri_to_path
 from .assets.corpus import builtin_corpus, read_texts
 from .assets.domains import heldout_for, user_domains
-from .assets.tasks import builtin_tasks
+from .assets.tasks import ALL_TASKS
 from .calibration.dataset import build_calibration_set, load_samples
 from .errors import PipelineError
 from .prep.baseline import BASELINE_FILE, compute_baseline, load_reference
@@ -30,6 +30,8 @@ from .validation.slices import Positions, positions_from, token_class_table
 from .validation.engine import resolve_placement
 from .validation.metrics import load_model, measure, measure_loaded
 from .validation.sensitivity import most_sensitive, sensitivity
+from .validation.suite import TaskSuite, build_suite
+from .validation import user_tasks
 from .validation.report import REPORT_HTML, REPORT_JSON, build_report, render_html
 
 log = logging.getLogger(__name__)
@@ -102,8 +104,37 @@ def validate_params(flat: dict) -> dict:
         raise PipelineError(f"invalid params: {e}") from e
     if p.evaluation.eval_domains_path:  # a broken file is refused before any heavy work
         user_domains(Path(p.evaluation.eval_domains_path))
+    mine: list[str] = []
+    if p.evaluation.user_tasks_uri:  # so is a broken task folder, naming the file
+        found = user_tasks.check(_user_tasks(p.evaluation.user_tasks_uri, Environment.from_env().cache_dir))
+        mine = sorted(found)
+        log.info("your tasks: %s", "; ".join(f"{k} ({v['output_type']}, {v['items']} items, {v['metric']})"
+                                             for k, v in found.items()))
+    unknown = sorted(set(p.evaluation.tasks) - set(ALL_TASKS) - set(mine))
+    if unknown:
+        raise PipelineError(f"invalid params: unknown task sets {unknown}; built-in: {list(ALL_TASKS)}"
+                            + (f"; yours: {mine}" if mine else "; add user_tasks_uri for your own"))
     log.info("params: %s", p.model_dump_json())
     return p.model_dump(mode="json")
+
+
+def _user_tasks(uri: str, cache_dir: Path) -> Path:
+    """The user's task folder staged on this worker (fetched from the remote store when remote)."""
+    fetch = None
+    if _REMOTE is not None:
+        def fetch(src: str, dest: Path) -> None:
+            _REMOTE[0].get(src.rstrip("/") + "/", str(dest) + "/", recursive=True)
+    return user_tasks.stage(uri, cache_dir, fetch)
+
+
+def _suite(s, env: Environment, device: str) -> TaskSuite | None:
+    """The task sets this worker measures for evaluation settings ``s`` (same for baseline and candidate)."""
+    if s.task_limit == 0:
+        return None
+    mine = _user_tasks(s.user_tasks_uri, env.cache_dir) if s.user_tasks_uri else None
+    repo = Path(__file__).resolve().parents[2]
+    hidden = tuple(dict.fromkeys(x for x in (env.artifact_root, env.cache_dir, repo) if x.exists()))
+    return build_suite(s, device, env.cache_dir, mine, hidden)
 
 
 def prep_checkpoint(params: dict) -> dict:
@@ -113,9 +144,10 @@ def prep_checkpoint(params: dict) -> dict:
     check_group_size(p.quant, info.hidden_size, info.intermediate_size)
     heldout, heldout_hash = heldout_for(env.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
     t0 = time.perf_counter()
-    tasks = builtin_tasks(env.cache_dir) if p.evaluation.task_limit else None
+    placement = resolve_placement()
+    tasks = _suite(p.evaluation, env, placement.device)
     uri, metrics, reused = compute_baseline(store, folder, info.checkpoint_hash, heldout, heldout_hash,
-                                            p.evaluation, tasks)
+                                            p.evaluation, tasks, placement)
     ppl = metrics["perplexity"]["perplexity"]
     log.info("baseline perplexity %.3f (%s, %.1f s)", ppl, "cached" if reused else "computed",
              time.perf_counter() - t0)
@@ -198,11 +230,11 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     s, t0, rounds = p.evaluation, time.perf_counter(), []
     qmodel = tok = classes = None
     while True:
-        tasks = builtin_tasks(env.cache_dir) if s.task_limit else None
+        tasks = _suite(s, env, placement.device)
         baseline, bfolder = _matching_baseline(store, prep, heldout, heldout_hash, s, tasks, placement)
         reference = load_reference(bfolder)
         if qmodel is None:
-            quantized = measure(qpath, heldout, s, tasks_dir=tasks, reference=reference, keep_model=True,
+            quantized = measure(qpath, heldout, s, tasks=tasks, reference=reference, keep_model=True,
                                 placement=placement)
             qmodel, tok = quantized.pop("model"), quantized.pop("tokenizer")
         else:
@@ -211,8 +243,10 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
         log.info("round %d measured: %s", len(rounds) + 1, _measured(quantized))
         pos, missing = _positions(baseline, quantized, reference)
         classes = classes if classes is not None else _token_classes(tok, env.cache_dir)
-        wanted = list(s.tasks) if tasks is not None else []
+        wanted = list(tasks.names) if tasks is not None else []
         checks, side = run_checks(baseline, quantized, p.tolerances, pos, classes, wanted, missing)
+        side["excluded"].extend({"name": f"task:{n}", "reason": why, "baseline": None, "chance": None, "n": 0}
+                                for n, why in (tasks.unavailable if tasks else {}).items())
         verdict = overall_verdict(checks)
         rounds.append({"ppl_max_tokens": s.ppl_max_tokens, "task_limit": s.task_limit, "verdict": verdict,
                        "inconclusive": [c.name for c in checks if c.verdict == "INCONCLUSIVE"],

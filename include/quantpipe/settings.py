@@ -108,10 +108,19 @@ class EvalSettings(_Frozen):
     max_new_tokens: int = Field(32, ge=1, le=1024, title="Greedy tokens per prompt")
     task_limit: int = Field(100, ge=0, le=5000, title="Items per task set",
                             description="Items of each lm-eval task set scored (0 skips task accuracy)")
-    tasks: tuple[str, ...] = Field(("qp_piqa", "qp_siqa", "qp_openbookqa", "qp_asdiv"),
-                                   title="Task sets (categories)",
-                                   description="lm-eval task sets scored; qp_mmlu is also available (long "
-                                               "prompts: slow on CPU)")
+    tasks: tuple[str, ...] = Field((), title="Task sets (categories)",
+                                   description="Empty: the worker's suite (GPU: PIQA, SIQA, OpenBookQA, ASDiv, "
+                                               "MMLU 5-shot, GSM8K, HumanEval; CPU: the first four) and every "
+                                               "task in your task folder. Or name them: qp_piqa, qp_siqa, "
+                                               "qp_openbookqa, qp_asdiv, qp_mmlu, qp_gsm8k, qp_humaneval, yours")
+    user_tasks_uri: str | None = Field(None, title="Your task folder (lm-eval YAMLs, optional)",
+                                       description="A folder (local path or s3://) of lm-eval task YAMLs with their "
+                                                   "JSON/CSV data files (paths relative to the YAML); each task is "
+                                                   "scored on baseline and candidate with its own tolerance "
+                                                   "(category_drop_pct)")
+    chat_template: bool = Field(False, title="Prompts through the model's chat template",
+                                description="lm-eval tasks are prompted through the model's chat template (few-shot "
+                                            "examples as turns) when it has one")
     sensitivity_layers: int = Field(8, ge=0, le=512, title="Layers probed for loss impact")
     time_budget_s: int = Field(1800, ge=0, le=86400, title="Measurement time budget (s)",
                                description="When a verdict is inconclusive, validation measures more (twice "
@@ -273,7 +282,7 @@ class PipelineParams(_Frozen):
             }),
             evaluation=EvalSettings(**pick(("ppl_max_tokens", "num_prompts", "max_new_tokens", "task_limit",
                                             "sensitivity_layers", "eval_domains_path",
-                                            "time_budget_s"))),
+                                            "time_budget_s", "tasks", "user_tasks_uri", "chat_template"))),
             tolerances=Tolerances(**pick(("ppl_increase_pct", "accuracy_drop_pct", "min_top1_agreement",
                                           "max_mean_kl", "task_drop_pct", "category_drop_pct", "max_flip_rate", "max_slice_kl",
                                           "min_slice_top1", "slice_ratio", "max_kl_excess", "max_disagree_excess", "max_answer_flip_rate",

@@ -12,6 +12,7 @@ the process that owns it (its PID is in the scratch folder's name), and assert t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -25,7 +26,9 @@ from quantpipe.artifacts import MANIFEST, verify_folder
 from ..live_airflow import wait_for_dag
 
 DAG = "llm_quantization"
-# a calibration seed no other test uses, so the quantized artifact's key is new to the store
+# FP8 takes no calibration, so its artifact key depends on the checkpoint and settings only: an
+# FP8 run earlier in the session has stored the same key, and the task would reuse it without
+# saving. The test parks the stored FP8 artifacts outside the store for its run (and puts them back).
 CONF = {"method": "fp8", "bits": 8, "run_name": "worker-kill", "seed": 4242, "calibration_samples": 16,
         "max_seq_length": 128, "ppl_max_tokens": 1024, "num_prompts": 2, "max_new_tokens": 8, "task_limit": 0,
         "sensitivity_layers": 0, "remediation": False, "deploy": False}
@@ -44,15 +47,39 @@ def _scratch(root: Path) -> list[Path]:
     return sorted(root.glob(".*.tmp-*")) if root.is_dir() else []
 
 
-def test_killed_quantize_task_is_retried_and_leaves_one_complete_artifact(airflow_instance, admin_token):
+def _park(quantized: Path, parking: Path) -> list[Path]:
+    """Move the stored FP8 artifacts out of the store so this run has to quantize and save."""
+    parking.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for p in sorted(quantized.glob("fp8-*")) if quantized.is_dir() else []:
+        shutil.move(str(p), str(parking / p.name))
+        moved.append(parking / p.name)
+    return moved
+
+
+def _unpark(quantized: Path, moved: list[Path]) -> None:
+    for p in moved:
+        if not (quantized / p.name).exists():
+            shutil.move(str(p), str(quantized / p.name))
+
+
+def test_killed_quantize_task_is_retried_and_leaves_one_complete_artifact(airflow_instance, admin_token, tmp_path):
     af, token = airflow_instance, admin_token
+    quantized = Path(af.artifact_root) / "quantized"
+    parked = _park(quantized, tmp_path / "parked")
+    try:
+        _kill_and_retry(af, token, quantized)
+    finally:
+        _unpark(quantized, parked)
+
+
+def _kill_and_retry(af, token, quantized: Path) -> None:
     wait_for_dag(af, DAG, token)
     status, body = af._http("PATCH", f"/api/v2/dags/{DAG}", {"is_paused": False}, token)
     assert status == 200 and not body["is_paused"], body
     status, run = af._http("POST", f"/api/v2/dags/{DAG}/dagRuns", {"logical_date": None, "conf": CONF}, token)
     assert status in (200, 201), run
     run_id = run["dag_run_id"]
-    quantized = Path(af.artifact_root) / "quantized"
     before = {p.name for p in quantized.iterdir()} if quantized.is_dir() else set()
     try:
         # 1. wait for the save to start, then kill the process that writes. The save of a

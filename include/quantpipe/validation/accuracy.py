@@ -17,11 +17,11 @@ import os
 import time
 from pathlib import Path
 
-from ..assets.tasks import TASKS
+from ..assets.tasks import CODE_TASKS, TASKS
 from .engine import Placement, greedy, loglikelihoods, resolve_placement
+from .user_tasks import task_names
 
 log = logging.getLogger(__name__)
-METRIC = {"mc": "acc,none", "gen": "exact_match,number"}
 
 
 def _prefetch_encodings(lm, requests) -> dict[str, list[int]]:
@@ -122,8 +122,33 @@ def _batched_hflm_class():
     return BatchedHFLM
 
 
+class CodeEval:
+    """What HumanEval needs beside the model: its problems and the sandbox's limits."""
+
+    def __init__(self, problems, limits, max_new_tokens: int | None = None):
+        self.problems, self.limits, self.max_new_tokens = problems, limits, max_new_tokens
+
+
+def _scored(task, out: dict, name: str) -> tuple[str, str]:
+    """(metric, filter) whose per-item values decide the set: the task's first metric under its
+    first filter (lm-eval's own naming: ``results[name]["<metric>,<filter>"]``)."""
+    metrics = task.config.metric_list or []
+    if not metrics:
+        raise ValueError(f"task {name} has no metric_list: nothing to compare")
+    filters = task.config.filter_list or []
+    filt = filters[0]["name"] if filters and isinstance(filters[0], dict) else "none"
+    metric = metrics[0]["metric"] if isinstance(metrics[0], dict) else str(metrics[0])
+    if f"{metric},{filt}" not in out["results"][name]:
+        raise ValueError(f"task {name}: lm-eval reported no {metric!r} under filter {filt!r}")
+    return metric, filt
+
+
 def task_accuracy(model, tokenizer, tasks_dir: Path, names: list[str], limit: int, seed: int = 1234,
-                  placement: Placement | None = None) -> dict:
+                  placement: Placement | None = None, user_dirs: tuple[Path, ...] = (),
+                  code: CodeEval | None = None, chat_template: bool = False) -> dict:
+    """Per task set: the score, its metric, the per-item values (in the sets' order) and chance.
+    Built-in sets come from ``tasks_dir``, the user's from ``user_dirs`` (lm-eval YAMLs), and
+    HumanEval runs its completions in the sandbox (``code``)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import random
 
@@ -132,9 +157,11 @@ def task_accuracy(model, tokenizer, tasks_dir: Path, names: list[str], limit: in
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
 
-    unknown = sorted(set(names) - set(TASKS))
+    user = {n for d in user_dirs for n in task_names(d)}
+    known = set(TASKS) | set(CODE_TASKS) | user
+    unknown = sorted(set(names) - known)
     if unknown:
-        raise ValueError(f"unknown task sets {unknown}; known: {sorted(TASKS)}")
+        raise ValueError(f"unknown task sets {unknown}; known: {sorted(known)}")
     t0 = time.perf_counter()
     lm = batched_lm(model, tokenizer, placement or resolve_placement())
     # what ``simple_evaluate`` does for a ready model, without its environment report
@@ -142,24 +169,45 @@ def task_accuracy(model, tokenizer, tasks_dir: Path, names: list[str], limit: in
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    loaded = TaskManager(include_path=str(tasks_dir), include_defaults=False).load(names)
-    for task in loaded["tasks"].values():
-        task.set_fewshot_seed(seed=seed)
-    out = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
-    scores = {}
-    for name in names:
-        kind, category = TASKS[name][1], TASKS[name][2]
-        res = out["results"][name]
-        samples = out["samples"][name]
-        metric = METRIC[kind].split(",")[0]
-        ordered = sorted(samples, key=lambda s: s["doc_id"])
-        per_item = [float(s[metric]) for s in ordered]
-        # chance: a uniform guess among each item's choices (0 for exact-answer generation)
-        chance = sum(1 / max(len(s["doc"].get("choices") or [1]), 1) for s in ordered) / len(ordered) \
-            if kind == "mc" and ordered else 0.0
-        scores[name] = {"score": float(res[METRIC[kind]]), "metric": metric, "n": len(per_item),
-                        "category": category, "chance": chance, "per_item": per_item}
+    scores: dict = {}
+    missing: dict[str, str] = {}
+    lm_names = [n for n in names if n not in CODE_TASKS]
+    if lm_names:
+        manager = TaskManager(include_path=[str(tasks_dir), *map(str, user_dirs)], include_defaults=False)
+        loaded = manager.load(lm_names)
+        for task in loaded["tasks"].values():
+            task.set_fewshot_seed(seed=seed)
+        out = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0,
+                       apply_chat_template=chat_template, fewshot_as_multiturn=chat_template)
+        for name in lm_names:
+            task = loaded["tasks"][name]
+            metric, filt = _scored(task, out, name)
+            ordered = sorted((x for x in out["samples"][name] if x.get("filter", filt) == filt),
+                             key=lambda x: x["doc_id"])
+            per_item = [float(x[metric]) for x in ordered]
+            mc = task.config.output_type == "multiple_choice"
+            # chance: a uniform guess among each item's choices (0 for an exact answer)
+            chance = sum(1 / max(len(x["arguments"]), 1) for x in ordered) / len(ordered) if mc and ordered else 0.0
+            category = TASKS[name].category if name in TASKS else \
+                str((task.config.metadata or {}).get("category") or f"yours: {name}")
+            scores[name] = {"score": float(out["results"][name][f"{metric},{filt}"]), "metric": metric,
+                            "n": len(per_item), "category": category, "chance": chance, "per_item": per_item}
+    for name in (n for n in names if n in CODE_TASKS):
+        if code is None:
+            raise ValueError(f"{name} runs model-written code: it needs its problems and sandbox limits")
+        from .humaneval import MAX_NEW_TOKENS, humaneval_scores
+
+        from .sandbox import SandboxUnavailable
+
+        try:
+            scores[name] = humaneval_scores(lm, code.problems[:limit], code.limits, CODE_TASKS[name][0],
+                                            code.max_new_tokens or MAX_NEW_TOKENS)
+        except SandboxUnavailable as e:  # a missing measurement: its check cannot pass
+            missing[name] = str(e)
+            log.error("%s not measured: %s", name, e)
     secs = time.perf_counter() - t0
     log.info("task accuracy (%s items each) in %.1f s: %s", limit, secs,
              ", ".join(f"{k} {v['score']:.3f}" for k, v in scores.items()))
-    return {"tasks": scores, "seconds": round(secs, 2), "limit": limit, "seed": seed}
+    return {"tasks": {n: scores[n] for n in names if n in scores}, "missing": missing, "seconds": round(secs, 2),
+            "limit": limit, "seed": seed}
+

@@ -183,9 +183,11 @@ def task_checks(b_acc: dict | None, q_acc: dict | None, wanted: list[str], tol: 
                              "n": b["n"], "reason": why})
             continue
         if b is None or q is None:
-            who = "baseline" if b is None else "quantized model"
+            who, acc = ("baseline", b_acc) if b is None else ("quantized model", q_acc)
+            why = ((acc or {}).get("missing") or {}).get(name)
             out.append(make_check(f"task:{name}", f"accuracy drop on {name} (points)", "tasks", None, allowed,
-                                  "max", " points", missing=f"no {name} results for the {who}", scale=100.0))
+                                  "max", " points", missing=f"no {name} results for the {who}"
+                                  + (f": {why}" if why else ""), scale=100.0))
             continue
         est = paired_binary_drop(b["per_item"], q["per_item"])
         out.append(make_check(f"task:{name}", f"{b['category']}: {b['metric']} drop on {b['n']} items (points)",

@@ -28,6 +28,9 @@ from .sandbox import SandboxLimits, SandboxResult, run_python
 
 WORKERS = 2  # sandboxes at once: the CPU workers this runs on have two cores
 PROBLEMS = 164
+# where a completion ends: the next top-level statement (the reference harness's stop words)
+STOP = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
+MAX_NEW_TOKENS = 384
 
 
 class HumanEvalProblem(BaseModel):
@@ -80,3 +83,31 @@ def pass_at_1(passed: Sequence[bool]) -> float:
     if not passed:
         raise PipelineError("pass@1 of no problems is undefined")
     return sum(passed) / len(passed)
+
+
+def complete(lm, problems: Sequence[HumanEvalProblem], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """One greedy completion per problem through the lm-eval model ``lm`` (its batched
+    ``generate_until``: the same decoding as the generative task sets), cut at ``STOP``."""
+    from lm_eval.api.instance import Instance
+
+    args = {"until": list(STOP), "max_gen_toks": max_new_tokens, "do_sample": False}
+    reqs = [Instance(request_type="generate_until", doc={"task_id": p.task_id}, arguments=(p.prompt, dict(args)),
+                     idx=0, doc_id=i) for i, p in enumerate(problems)]
+    return list(lm.generate_until(reqs, disable_tqdm=True))
+
+
+def humaneval_scores(lm, problems: Sequence[HumanEvalProblem], limits: SandboxLimits, category: str,
+                     max_new_tokens: int = MAX_NEW_TOKENS, workers: int = WORKERS) -> dict:
+    """pass@1 of the model behind ``lm`` on ``problems``, in the shape of a task set's result
+    (``per_item`` 1/0 per problem, in order), with how the failures ended."""
+    completions = complete(lm, problems, max_new_tokens)
+    results = run_completions(problems, completions, limits, workers)
+    ends: dict[str, int] = {}
+    for r in results:
+        if not r.passed:
+            key = "timed out" if r.timed_out else (f"signal {r.signal}" if r.signal else "failed")
+            ends[key] = ends.get(key, 0) + 1
+    per_item = [1.0 if r.passed else 0.0 for r in results]
+    return {"score": pass_at_1([r.passed for r in results]), "metric": "pass@1", "n": len(per_item),
+            "category": category, "chance": 0.0, "per_item": per_item, "failures": ends,
+            "isolation": results[0].isolation if results else ""}

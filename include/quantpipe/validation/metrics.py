@@ -16,10 +16,14 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..settings import EvalSettings
 from .engine import (Placement, attention_kernels, device_of, greedy, loglikelihoods, overlapped, parts,
                      resolve_placement, window_batches)
+
+if TYPE_CHECKING:
+    from .suite import TaskSuite
 
 log = logging.getLogger(__name__)
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")
@@ -254,7 +258,7 @@ def as_domains(heldout) -> dict[str, list[dict]]:
     return {"prose": [{"text": t} for t in heldout]}
 
 
-def measure(path: Path, heldout: Heldout, s: EvalSettings, tasks_dir: Path | None = None,
+def measure(path: Path, heldout: Heldout, s: EvalSettings, tasks: TaskSuite | None = None,
             reference: dict | None = None, keep_model: bool = False,
             placement: Placement | None = None) -> dict:
     """Everything validation compares: perplexity (+KL against ``reference``) per held-out
@@ -263,14 +267,14 @@ def measure(path: Path, heldout: Heldout, s: EvalSettings, tasks_dir: Path | Non
     placement = placement or resolve_placement()
     t0 = time.perf_counter()
     model, tok = load_model(path, placement)
-    out = measure_loaded(model, tok, heldout, s, tasks_dir, reference, placement)
+    out = measure_loaded(model, tok, heldout, s, tasks, reference, placement)
     out["load_seconds"] = round(time.perf_counter() - t0 - out["measure_seconds"], 2)
     if keep_model:
         out["model"], out["tokenizer"] = model, tok
     return out
 
 
-def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks_dir: Path | None,
+def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks: TaskSuite | None,
                    reference: dict | None, placement: Placement) -> dict:
     """``measure`` on a model already in memory (the GPU benchmark builds one there). On a
     GPU, task accuracy runs beside perplexity and greedy generation (``engine.overlapped``);
@@ -278,7 +282,7 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks_dir: Pat
     from .answers import answer_prompts
 
     t0 = time.perf_counter()
-    want_tasks = tasks_dir is not None and s.task_limit > 0 and bool(s.tasks)
+    want_tasks = tasks is not None and tasks.limit > 0 and bool(tasks.names)
     asks = answer_prompts()
 
     def generations():
@@ -301,12 +305,13 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks_dir: Pat
                 r["p_first"] = round(math.exp(next(lls)[0]), 4) if h else 0.0
         return gens, rows
 
-    def tasks():
+    def task_sets():
         if not want_tasks:
             return None
         from .accuracy import task_accuracy
 
-        return task_accuracy(model, tok, tasks_dir, list(s.tasks), s.task_limit, placement=placement)
+        return task_accuracy(model, tok, tasks.folders[0], list(tasks.names), tasks.limit, placement=placement,
+                             user_dirs=tasks.folders[1:], code=tasks.code, chat_template=tasks.chat_template)
 
     def held_out():
         ids, windows, skipped = heldout_segments(tok, as_domains(heldout), s.ppl_max_tokens, s.ppl_window)
@@ -323,10 +328,10 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks_dir: Pat
             # perplexity's large GEMMs here; greedy decoding (latency-bound) and lm-eval
             # (partly CPU-bound) each on its own stream beside it
             # (decode steps on a high-priority stream: they slip in between the GEMMs' blocks)
-            (ppl, ids, windows, info), (gens, answers), acc = overlapped(held_out, generations, tasks,
+            (ppl, ids, windows, info), (gens, answers), acc = overlapped(held_out, generations, task_sets,
                                                                          priorities=(-1, 0))
         else:
-            (ppl, ids, windows, info), (gens, answers), acc = held_out(), generations(), tasks()
+            (ppl, ids, windows, info), (gens, answers), acc = held_out(), generations(), task_sets()
     dist = ppl.pop("dist")
     per_position = ppl.pop("per_position")
     dist.update({"nll": per_position["nll"], "top1": per_position["top1"]})
