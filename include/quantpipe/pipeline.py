@@ -288,6 +288,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     report["accuracy"] = {"baseline": _no_items(baseline.get("accuracy")),
                           "quantized": _no_items(quantized.get("accuracy"))}
     report["kl"] = quantized["perplexity"].get("kl")
+    report["suite"] = suite_summary(tasks, placement.kind)
     if extra:
         report.update(extra)
     rid = safe_run_id(run_id)
@@ -332,6 +333,19 @@ def _matching_baseline(store: ArtifactStore, prep: dict, heldout: dict, heldout_
     uri, baseline, _ = compute_baseline(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"], heldout,
                                         heldout_hash, s, tasks, placement)
     return baseline, uri_to_path(uri)
+
+
+def suite_summary(tasks: TaskSuite | None, engine: str) -> dict:
+    """What the report says about the task suite: what was measured on this worker, what its
+    default leaves out (the GPU-only sets on a CPU worker) and what could not be measured."""
+    from .assets.tasks import GPU_SUITE
+
+    measured = list(tasks.names) if tasks else []
+    return {"engine": engine, "measured": measured, "items_per_set": tasks.limit if tasks else 0,
+            "not_measured": {n: "not in this worker's default suite (CPU workers measure the sets a CPU scores "
+                                "in minutes); name it in tasks to measure it here"
+                             for n in GPU_SUITE if n not in measured and not (tasks and n in tasks.unavailable)}
+            | (dict(tasks.unavailable) if tasks else {})}
 
 
 MAX_ROUNDS = 3  # the first measurement and at most two larger ones

@@ -54,8 +54,15 @@ def _report(artifact_root: Path, run_id: str) -> dict:
     return json.loads((folders[0] / "report.json").read_text())
 
 
+MINE = Path(__file__).resolve().parents[1] / "data" / "user_tasks"  # a user's own lm-eval task folder
+
+
 def test_fp8_run_passes_the_gate_and_publishes(dag, artifact_root):
-    dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-fp8", "task_limit": 4})
+    # 4 items a set cannot decide a drop (the gate would say INCONCLUSIVE, and fail); this test is
+    # about the DAG's plumbing of the task sets and the user's folder, so the task tolerance is
+    # opened and every set is shown as excluded with its reason (test_user_tasks_e2e decides one)
+    dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-fp8", "task_limit": 4,
+                              "task_drop_pct": 100, "user_tasks_uri": str(MINE)})
     assert str(dr.state) == "success", states
     assert states["quantize_fp8"] == "success" and states["quantize"] == "skipped"
     assert states["publish_approved"] == "success"
@@ -68,10 +75,11 @@ def test_fp8_run_passes_the_gate_and_publishes(dag, artifact_root):
     assert {"kl_divergence", "top1_agreement", "kl:domain:code", "top1:class:digits", "answers:fact"} <= names
     # every task set is either checked or excluded with its reason (4 items cannot show damage)
     excluded = {x["name"]: x["reason"] for x in rep["excluded_checks"]}
-    assert {"task:qp_piqa", "task:qp_asdiv"} <= names | set(excluded) and all(excluded.values())
+    assert {"task:qp_piqa", "task:qp_asdiv", "task:capitals"} <= names | set(excluded) and all(excluded.values())
     assert all(c["verdict"] == "PASS" and c["low"] <= c["estimate"] <= c["high"] for c in rep["checks"])
     assert 0 < rep["kl"]["mean"] < 0.25 and len(rep["sensitivity"]["layers"]) == 210
     assert rep["accuracy"]["baseline"]["tasks"]["qp_piqa"]["n"] == 4
+    assert rep["accuracy"]["quantized"]["tasks"]["capitals"]["category"] == "world capitals (yours)"
     pointer = json.loads((artifact_root / "approved" / "e2e-fp8.json").read_text())
     approved = uri_to_path(pointer["model_uri"])
     verify_folder(approved)

@@ -88,6 +88,35 @@ def test_batched_loglikelihoods_match_single_requests(tiny, pack):
     assert got[-1][1] is True
 
 
+@pytest.mark.parametrize("pack", [0, 64])
+def test_one_token_choices_of_one_context_share_its_forward(tiny, pack, monkeypatch):
+    """Lettered multiple choice (MMLU's " A".." D"): each choice scored as if alone, from one
+    forward of the shared context."""
+    from quantpipe.validation import engine
+
+    reqs = []
+    for i in range(6):
+        ctx = _ids(8 + 5 * i, 300 + i)
+        reqs += [(ctx, [t]) for t in (3, 17, 42, 88)] + [(ctx, _ids(3, 400 + i))]  # + one longer choice
+    order = torch.randperm(len(reqs), generator=torch.Generator().manual_seed(1)).tolist()
+    reqs = [reqs[i] for i in order]
+    rows = []
+    real = engine.parts
+
+    def counting(model):
+        body, head = real(model)
+        return (lambda **kw: rows.append(int((kw["input_ids"] != -1).shape[0])) or body(**kw)), head
+
+    monkeypatch.setattr(engine, "parts", counting)
+    got = engine.loglikelihoods(tiny, reqs, token_budget=10_000, pack=pack)
+    for (c, k), (lp, greedy) in zip(reqs, got):
+        want_lp, want_greedy = _naive_loglik(tiny, c, k)
+        assert lp == pytest.approx(want_lp, abs=1e-4)
+        assert greedy == want_greedy
+    if not pack:  # one padded row per distinct request: 6 contexts + 6 longer choices, not 30
+        assert sum(rows) == 12
+
+
 def test_pack_rows_first_fit_longest_first():
     from quantpipe.validation.engine import pack_rows
 

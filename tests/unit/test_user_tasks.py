@@ -100,3 +100,12 @@ def test_worker_suite_cpu_gpu_explicit_and_off(folder, tmp_path, cache_dir):
     mine = build_suite(EvalSettings(task_limit=10, tasks=("capitals",)), "cuda", cache_dir, staged)
     assert mine.names == ("capitals",) and mine.code is None
     assert build_suite(EvalSettings(task_limit=0), "cuda", cache_dir, staged) is None
+
+
+def test_report_states_what_a_cpu_worker_leaves_out(cache_dir):
+    summary = pipeline.suite_summary(build_suite(EvalSettings(task_limit=10), "cpu", cache_dir), "cpu-float32")
+    assert summary["measured"] == list(CPU_SUITE) and summary["items_per_set"] == 10
+    assert set(summary["not_measured"]) == set(GPU_SUITE) - set(CPU_SUITE)
+    assert all("name it in tasks" in why for why in summary["not_measured"].values())
+    off = pipeline.suite_summary(None, "cpu-float32")
+    assert off["measured"] == [] and set(off["not_measured"]) == set(GPU_SUITE)

@@ -171,14 +171,17 @@ def task_accuracy(model, tokenizer, tasks_dir: Path, names: list[str], limit: in
     torch.manual_seed(seed)
     scores: dict = {}
     missing: dict[str, str] = {}
+    lm_eval_s = 0.0
     lm_names = [n for n in names if n not in CODE_TASKS]
     if lm_names:
         manager = TaskManager(include_path=[str(tasks_dir), *map(str, user_dirs)], include_defaults=False)
         loaded = manager.load(lm_names)
         for task in loaded["tasks"].values():
             task.set_fewshot_seed(seed=seed)
+        t1 = time.perf_counter()
         out = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0,
                        apply_chat_template=chat_template, fewshot_as_multiturn=chat_template)
+        lm_eval_s = time.perf_counter() - t1
         for name in lm_names:
             task = loaded["tasks"][name]
             metric, filt = _scored(task, out, name)
@@ -209,5 +212,5 @@ def task_accuracy(model, tokenizer, tasks_dir: Path, names: list[str], limit: in
     log.info("task accuracy (%s items each) in %.1f s: %s", limit, secs,
              ", ".join(f"{k} {v['score']:.3f}" for k, v in scores.items()))
     return {"tasks": {n: scores[n] for n in names if n in scores}, "missing": missing, "seconds": round(secs, 2),
-            "limit": limit, "seed": seed}
+            "lm_eval_seconds": round(lm_eval_s, 2), "limit": limit, "seed": seed}
 

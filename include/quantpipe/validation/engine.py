@@ -259,10 +259,23 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
 
     dev = device_of(model)
     body, head = parts(model)
-    lengths = [len(c) + len(k) - 1 for c, k in requests]
     res: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     if not requests:
         return res
+    # the choices of a lettered item (MMLU: " A", " B", ...) share their context and are one token
+    # each: the context runs once and every choice's token is read at its last position
+    alts: dict[int, list[tuple[int, int]]] = {}
+    first: dict[tuple, int] = {}
+    for i, (c, k) in enumerate(requests):
+        if len(k) == 1:
+            j = first.setdefault(tuple(c), i)
+            if j != i:
+                alts.setdefault(j, []).append((i, k[0]))
+    shared = {i for v in alts.values() for i, _ in v}
+    order = [i for i in range(len(requests)) if i not in shared]
+    requests = [requests[i] for i in order]
+    alts = {n: alts.get(i, []) for n, i in enumerate(order)}
+    lengths = [len(c) + len(k) - 1 for c, k in requests]
     if pack:
         width = max(max(lengths), min(pack, sum(lengths)))
         rows = pack_rows(lengths, width)
@@ -292,7 +305,13 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
                     cols.extend(range(start, start + len(cont)))
                     tgt.extend(cont)
                     who.extend([len(keys)] * len(cont))
-                    keys.append(k)
+                    keys.append(order[k])
+                    for other, token in alts[k]:  # same context, another one-token choice
+                        rows_i.append(r)
+                        cols.append(start)
+                        tgt.append(token)
+                        who.append(len(keys))
+                        keys.append(other)
                     off += n
             if width:
                 # a request attends to its own earlier positions only; the padding after the

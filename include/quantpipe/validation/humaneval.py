@@ -14,6 +14,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import time
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +28,7 @@ from ..assets.packages import fetch_wheel
 from ..errors import PipelineError
 from .sandbox import SandboxLimits, SandboxResult, run_python
 
-WORKERS = 2  # sandboxes at once: the CPU workers this runs on have two cores
+WORKERS = max(2, min(8, (os.cpu_count() or 2) // 2))  # sandboxes at once: half the worker's cores, 2 at least
 PROBLEMS = 164
 # where a completion ends: the next top-level statement (the reference harness's stop words)
 STOP = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
@@ -100,8 +102,11 @@ def humaneval_scores(lm, problems: Sequence[HumanEvalProblem], limits: SandboxLi
                      max_new_tokens: int = MAX_NEW_TOKENS, workers: int = WORKERS) -> dict:
     """pass@1 of the model behind ``lm`` on ``problems``, in the shape of a task set's result
     (``per_item`` 1/0 per problem, in order), with how the failures ended."""
+    t0 = time.perf_counter()
     completions = complete(lm, problems, max_new_tokens)
+    t1 = time.perf_counter()
     results = run_completions(problems, completions, limits, workers)
+    t2 = time.perf_counter()
     ends: dict[str, int] = {}
     for r in results:
         if not r.passed:
@@ -110,4 +115,5 @@ def humaneval_scores(lm, problems: Sequence[HumanEvalProblem], limits: SandboxLi
     per_item = [1.0 if r.passed else 0.0 for r in results]
     return {"score": pass_at_1([r.passed for r in results]), "metric": "pass@1", "n": len(per_item),
             "category": category, "chance": 0.0, "per_item": per_item, "failures": ends,
-            "isolation": results[0].isolation if results else ""}
+            "isolation": results[0].isolation if results else "",
+            "seconds": {"generate": round(t1 - t0, 2), "execute": round(t2 - t1, 2)}}

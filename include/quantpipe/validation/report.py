@@ -137,6 +137,10 @@ def render_html(report: dict) -> str:
         f"{'<br><small>' + e(c['note']) + '</small>' if c.get('note') else ''}</td></tr>"
         for c in report["checks"])
     excluded = "".join(f"<li><b>{e(x['name'])}</b>: {e(x['reason'])}</li>" for x in report.get("excluded_checks") or [])
+    st = report.get("suite") or {}
+    suite = (f"measured on {e(st.get('engine', '?'))}: {e(', '.join(st.get('measured') or []) or 'none')} "
+             f"({st.get('items_per_set', 0)} items a set at most)"
+             + "".join(f"<br><b>{e(n)}</b> not measured: {e(why)}" for n, why in (st.get("not_measured") or {}).items()))
     ans = report.get("answers") or {}
     answers = "".join(f"<tr><td><code>{e(r['prompt'])}</code></td><td>{e(str(r.get('expected')))}</td>"
                       f"<td>{e(r['baseline'])}</td><td>{e(r['quantized'])}</td>"
@@ -164,6 +168,7 @@ fail the check with 80 % probability, the smallest degradation it could catch.</
 <table><tr><th>check</th><th>what</th><th>baseline</th><th>quantized</th><th>estimate</th><th>interval</th>
 <th>limit</th><th>detectable</th><th>n</th><th>verdict</th></tr>{rows}</table>
 <h3>Not checked</h3><ul>{excluded or "<li>none</li>"}</ul>
+<h3>Task suite</h3><p>{suite}</p>
 <h2>Answer flips</h2><p>{ans.get('flipped', '?')} of {ans.get('n', '?')} short answers changed.</p>
 <table><tr><th>prompt (last line)</th><th>expected</th><th>baseline</th><th>quantized</th><th></th></tr>{answers}</table>
 <h2>Plots</h2><img alt="plots" src="data:image/png;base64,{_plot_png(report)}">
