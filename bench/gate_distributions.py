@@ -44,24 +44,25 @@ def main() -> None:
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[k] = "1"
     from quantpipe import pipeline
+    from quantpipe.store import Store
     from quantpipe.assets.model import builtin_checkpoint
     from tests.e2e import plants
 
     conf = {"run_name": "dist", "sensitivity_layers": 0, "remediation": False, "deploy": False,
             **json.loads(a.conf)}
-    settings = pipeline.validate_params({**conf, "method": "fp8", "bits": 8})
+    settings = pipeline.validate_params({**conf, "method": "fp8", "bits": 8}, store=Store.local())
     t0 = time.perf_counter()
-    prep = pipeline.prep_checkpoint(settings)
+    prep = pipeline.prep_checkpoint(settings, store=Store.local())
     print(f"baseline: {time.perf_counter() - t0:.1f} s (reused: {prep['baseline_reused']})", flush=True)
     model_dir = builtin_checkpoint("smollm2-135m-instruct", Path(os.environ["QUANTPIPE_CACHE"]))
     names = list(plants.CATEGORY) + list(plants.WHOLE) if a.plants == ["all"] else a.plants
     results: dict[str, dict] = {}
     for name in a.sound:
-        s = pipeline.validate_params({**conf, **SOUND[name]})
+        s = pipeline.validate_params({**conf, **SOUND[name]}, store=Store.local())
         t0 = time.perf_counter()
-        calib = pipeline.build_calibration(s, prep)
-        quant = pipeline.run_quantization(s, prep, calib)
-        res = pipeline.run_validation(s, prep, quant, f"dist-{name}")
+        calib = pipeline.build_calibration(s, prep, store=Store.local())
+        quant = pipeline.run_quantization(s, prep, calib, store=Store.local())
+        res = pipeline.run_validation(s, prep, quant, f"dist-{name}", store=Store.local())
         results[f"sound:{name}"] = _summary(res, time.perf_counter() - t0)
     work = Path(tempfile.mkdtemp(prefix="plants-"))
     for name in names:
@@ -70,7 +71,7 @@ def main() -> None:
         quant = {"quantized_uri": folder.as_uri(), "method": name, "scheme": "planted", "seconds": 0.0,
                  "size_bytes": (folder / "model.safetensors").stat().st_size}
         t0 = time.perf_counter()
-        res = pipeline.run_validation(settings, prep, quant, f"dist-{name}")
+        res = pipeline.run_validation(settings, prep, quant, f"dist-{name}", store=Store.local())
         results[f"plant:{name}"] = _summary(res, time.perf_counter() - t0)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"bench": "gate_distributions", "conf": conf, "results": results}, indent=1))

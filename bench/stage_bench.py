@@ -24,27 +24,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def direct(conf: dict) -> dict:
     from quantpipe import pipeline as p
+    from quantpipe.store import Store
 
     t = {}
     t0 = time.perf_counter()
-    s = p.validate_params(conf)
+    s = p.validate_params(conf, store=Store.local())
     t["validate_params"] = time.perf_counter() - t0
-    for name, fn in (("prep_checkpoint", lambda: p.prep_checkpoint(s)),):
+    for name, fn in (("prep_checkpoint", lambda: p.prep_checkpoint(s, store=Store.local())),):
         t1 = time.perf_counter()
         prep = fn()
         t[name] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    calib = p.build_calibration(s, prep)
+    calib = p.build_calibration(s, prep, store=Store.local())
     t["build_calibration"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    quant = p.run_quantization(s, prep, calib)
+    quant = p.run_quantization(s, prep, calib, store=Store.local())
     t["quantize"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    val = p.run_validation(s, prep, quant, "bench")
+    val = p.run_validation(s, prep, quant, "bench", store=Store.local())
     t["validate"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     if p.gate(val):
-        p.publish_approved(s, val, "bench")
+        p.publish_approved(s, val, "bench", store=Store.local())
     t["gate_publish"] = time.perf_counter() - t1
     t["total"] = time.perf_counter() - t0
     return {"seconds": {k: round(v, 2) for k, v in t.items()}, "validation": val}

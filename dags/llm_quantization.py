@@ -54,22 +54,11 @@ QUEUE_FP8 = "gpu-h100"
 QUEUE_SERVING = "serving"
 
 
-def _use_store() -> None:
-    """Point the library at the remote artifact store when the deployment configures one:
-    QUANTPIPE_REMOTE_ROOT (e.g. s3://bucket/quantpipe) through the Airflow connection in
-    QUANTPIPE_REMOTE_CONN (type aws). Unset: the local store under QUANTPIPE_ARTIFACT_ROOT."""
-    import os
+def _store():
+    """This task's artifact store (local, or S3 when the deployment sets QUANTPIPE_REMOTE_ROOT)."""
+    from quantpipe_storage import task_store  # plugins/ is on sys.path for every worker
 
-    from quantpipe import pipeline
-
-    root = os.environ.get("QUANTPIPE_REMOTE_ROOT")
-    if not root:
-        pipeline.configure_remote(None, None)
-        return
-    from quantpipe_storage import artifact_fs  # plugins/ is on sys.path for every worker
-
-    fs, plain = artifact_fs(os.environ.get("QUANTPIPE_REMOTE_CONN", "quantpipe_s3"), root)
-    pipeline.configure_remote(fs, plain)
+    return task_store()
 
 
 class ReleaseReview(ApprovalOperator):
@@ -97,11 +86,11 @@ class ReleaseReview(ApprovalOperator):
             # a Reject skips the gate by raising this, so its answer never reaches XCom: record it here
             from quantpipe.pipeline import latest_result, record_review
             from quantpipe.validation.review import review_record
-            _use_store()
 
             answer = {k: event.get(k) for k in ("chosen_options", "responded_by_user", "responded_at", "timedout")}
             result = latest_result(context["ti"].xcom_pull(task_ids=RESULT_TASKS))
-            uri = record_review(result["settings"], result, review_record(result, answer), context["run_id"])
+            uri = record_review(result["settings"], result, review_record(result, answer), context["run_id"],
+                                store=_store())
             context["ti"].xcom_push(key="rejection", value={**answer, "record_uri": uri})
             raise
         return {**answer, "timedout": bool(event.get("timedout"))}
@@ -124,24 +113,21 @@ def llm_quantization():
     @task(retries=0, task_display_name="Validate params")
     def validate_params() -> dict:
         from quantpipe.pipeline import validate_params as run
-        _use_store()
 
-        return run(dict(get_current_context()["params"]))
+        return run(dict(get_current_context()["params"]), store=_store())
 
     # model evaluations (baseline, validation) run where the GPUs are
     @task(queue=QUEUE_QUANTIZE, task_display_name="1. Checkpoint prep", execution_timeout=timedelta(hours=2))
     def prep_checkpoint(settings: dict) -> dict:
         from quantpipe.pipeline import prep_checkpoint as run
-        _use_store()
 
-        return run(settings)
+        return run(settings, store=_store())
 
     @task(task_display_name="2. Calibration data")
     def build_calibration(settings: dict, prep: dict) -> dict:
         from quantpipe.pipeline import build_calibration as run
-        _use_store()
 
-        return run(settings, prep)
+        return run(settings, prep, store=_store())
 
     @task.branch(task_display_name="Route to a quantization queue")
     def route(settings: dict) -> str:
@@ -150,26 +136,23 @@ def llm_quantization():
     @task(queue=QUEUE_QUANTIZE, task_display_name="3. Quantize", execution_timeout=timedelta(hours=6))
     def quantize(settings: dict, prep: dict, calib: dict) -> dict:
         from quantpipe.pipeline import run_quantization
-        _use_store()
 
-        return run_quantization(settings, prep, calib)
+        return run_quantization(settings, prep, calib, store=_store())
 
     @task(queue=QUEUE_FP8, task_display_name="3. Quantize (FP8)", execution_timeout=timedelta(hours=2))
     def quantize_fp8(settings: dict, prep: dict, calib: dict) -> dict:
         from quantpipe.pipeline import run_quantization
-        _use_store()
 
-        return run_quantization(settings, prep, calib)
+        return run_quantization(settings, prep, calib, store=_store())
 
     @task(queue=QUEUE_QUANTIZE, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, task_display_name="4. Validate",
           execution_timeout=timedelta(hours=6))
     def validate(settings: dict, prep: dict) -> dict:
         from quantpipe.pipeline import run_validation
-        _use_store()
 
         ctx = get_current_context()
         quant = _pick(ctx["ti"].xcom_pull(task_ids=["quantize", "quantize_fp8"]))
-        return run_validation(settings, prep, quant, ctx["run_id"])
+        return run_validation(settings, prep, quant, ctx["run_id"], store=_store())
 
     def _remediation(attempt: int):
         @task(task_id=f"remediate_{attempt}", task_display_name=f"4b. Remediation attempt {attempt}",
@@ -178,11 +161,10 @@ def llm_quantization():
             from airflow.sdk.exceptions import AirflowSkipException
 
             from quantpipe.pipeline import remediate as run
-            _use_store()
 
             ctx = get_current_context()
             results = ctx["ti"].xcom_pull(task_ids=RESULT_TASKS[:attempt])
-            out = run(settings, prep, list(results or []), attempt, ctx["run_id"])
+            out = run(settings, prep, list(results or []), attempt, ctx["run_id"], store=_store())
             if out is None:
                 raise AirflowSkipException(f"remediation attempt {attempt} not needed or not enabled")
             return out
@@ -213,7 +195,6 @@ def llm_quantization():
     def gate() -> bool:
         from quantpipe.pipeline import latest_result, record_review
         from quantpipe.validation.review import gate_decision, review_record
-        _use_store()
 
         ctx = get_current_context()
         ti = ctx["ti"]
@@ -222,18 +203,18 @@ def llm_quantization():
         record = None
         if answer:
             record = review_record(result, answer)
-            record["record_uri"] = record_review(result["settings"], result, record, ctx["run_id"])
+            record["record_uri"] = record_review(result["settings"], result, record, ctx["run_id"], store=_store())
             ti.xcom_push(key="review", value=record)  # publish_approved puts it in the approval record
         return gate_decision(result, record)
 
     @task(queue=QUEUE_SERVING, task_display_name="5. Publish approved model")
     def publish_approved(settings: dict) -> dict:
         from quantpipe.pipeline import latest_result, publish_approved as run
-        _use_store()
 
         ctx = get_current_context()
         final = latest_result(ctx["ti"].xcom_pull(task_ids=RESULT_TASKS))
-        return run(final["settings"], final, ctx["run_id"], review=ctx["ti"].xcom_pull(task_ids="gate", key="review"))
+        return run(final["settings"], final, ctx["run_id"], review=ctx["ti"].xcom_pull(task_ids="gate", key="review"),
+                   store=_store())
 
     @task(queue=QUEUE_SERVING, task_display_name="6. Deploy on vLLM", retries=1,
           execution_timeout=timedelta(minutes=30))
@@ -252,7 +233,7 @@ def llm_quantization():
         # the key comes from the Airflow Variable (masked in logs: its name contains "api_key"),
         # else from the worker's QUANTPIPE_VLLM_API_KEY; it never enters XCom
         api_key = Variable.get("quantpipe_vllm_api_key", default=None)
-        return deploy_approved(final["settings"], approved, final, ctx["run_id"], api_key=api_key,
+        return deploy_approved(final["settings"], approved, final, ctx["run_id"], artifacts=_store(), api_key=api_key,
                                settings=settings["deploy"]["overrides"])
 
     settings = validate_params()

@@ -6,8 +6,10 @@ Three DAGs; the decisions live in `quantpipe.scheduling` (unit-tested).
 - **llm_requantize_scheduled** (cron, Sundays 03:00 UTC): re-runs `llm_quantization` for every
   entry of the configured list. The list is the Airflow Variable `quantpipe_requantize_models`
   (JSON list of the main DAG's params, e.g. `[{"model_uri": "builtin://smollm2-135m-instruct",
-  "method": "fp8", "bits": 8, "run_name": "smollm2-fp8"}]`), else `include/requantize.yaml`,
-  else the built-in model with fp8. An entry is **skipped** when the checkpoint's content hash
+  "method": "fp8", "bits": 8, "run_name": "smollm2-fp8"}]`), else the YAML file named by env
+  `QUANTPIPE_REQUANTIZE_CONFIG` (the plan fails when it names a missing file), else
+  `include/requantize.yaml` beside the DAGs folder (single-machine checkout), else the built-in
+  model with fp8. An entry is **skipped** when the checkpoint's content hash
   and its resolved settings equal those of its last *successful* run (state:
   `$QUANTPIPE_ARTIFACT_ROOT/scheduling/requantize_state.json`). Param `force` re-runs all.
 - **llm_checkpoint_watcher** (every 10 minutes): hashes each checkpoint folder under the
@@ -38,6 +40,7 @@ MAIN_DAG = "llm_quantization"
 MODELS_VARIABLE = "quantpipe_requantize_models"
 METHODS_VARIABLE = "quantpipe_requantize_methods"
 WATCH_VARIABLE = "quantpipe_checkpoint_watch_dir"
+# single-machine default; images set QUANTPIPE_REQUANTIZE_CONFIG (quantpipe.scheduling.config_path)
 YAML_PATH = Path(__file__).resolve().parents[1] / "include" / "requantize.yaml"
 CHECKPOINTS_ASSET = Asset("quantpipe://checkpoints/incoming", group="quantpipe")
 DEFAULT_ARGS = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30),
@@ -131,9 +134,10 @@ def _trigger_and_record(todo):
 def llm_requantize_scheduled():
     @task(task_display_name="Plan (skip unchanged)")
     def plan_entries() -> list[dict]:
-        from quantpipe.scheduling import load_entries
+        from quantpipe.scheduling import config_path, load_entries
 
-        entries = load_entries(Variable.get(MODELS_VARIABLE, default=None), YAML_PATH)
+        path, required = config_path(YAML_PATH)  # read on the worker, when the task runs
+        entries = load_entries(Variable.get(MODELS_VARIABLE, default=None), path, required=required)
         return _plan(entries, bool(get_current_context()["params"].get("force")))
 
     _trigger_and_record(plan_entries())

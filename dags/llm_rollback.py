@@ -42,10 +42,11 @@ def llm_rollback():
         from airflow.sdk import Variable
 
         from quantpipe.deployment import rollback
+        from quantpipe_storage import task_store  # plugins/ is on sys.path for every worker
 
         ctx = get_current_context()
         key = Variable.get("quantpipe_vllm_api_key", default=None)
-        return rollback(ctx["params"]["deployment"], ctx["run_id"], api_key=key)
+        return rollback(ctx["params"]["deployment"], ctx["run_id"], artifacts=task_store(), api_key=key)
 
     roll_back()
 

@@ -86,3 +86,19 @@ def plain_uri(path: ObjectStoragePath | str) -> str:
         host = parts.hostname or ""
         return parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
     return path
+
+
+def task_store():
+    """The artifact store a task hands to the stage it calls (``quantpipe.store.Store``): the
+    remote store when the deployment sets QUANTPIPE_REMOTE_ROOT (e.g. s3://bucket/quantpipe,
+    through the Airflow connection named in QUANTPIPE_REMOTE_CONN, default ``quantpipe_s3``),
+    else the local store under QUANTPIPE_ARTIFACT_ROOT."""
+    import os
+
+    from quantpipe.store import Store
+
+    root = os.environ.get("QUANTPIPE_REMOTE_ROOT")
+    if not root:
+        return Store.local()
+    fs, plain = artifact_fs(os.environ.get("QUANTPIPE_REMOTE_CONN", "quantpipe_s3"), root)
+    return Store.remote(fs, plain)

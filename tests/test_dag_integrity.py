@@ -99,7 +99,7 @@ def _review_answer(dag, option, monkeypatch, user=None):
     from quantpipe import pipeline
 
     recorded, pushed = [], {}
-    monkeypatch.setattr(pipeline, "record_review", lambda params, result, record, run_id:
+    monkeypatch.setattr(pipeline, "record_review", lambda params, result, record, run_id, store:
                         recorded.append((result, record, run_id)) or "file:///runs/r/review/review.json")
     result = {"verdict": "PASS", "passed": True, "failed_checks": [], "inconclusive_checks": [],
               "report_uri": "file:///r/report.json", "settings": {"tolerances": {"review_all": True}}}

@@ -24,7 +24,8 @@ from .prep.baseline import BASELINE_FILE, compute_baseline, load_reference
 from .prep.checkpoint import resolve_model_uri, verify_checkpoint
 from .quantization.recipes import check_group_size
 from .quantization.run import PROVENANCE, quantize
-from .settings import Environment, PipelineParams
+from .settings import PipelineParams
+from .store import Store
 from .validation.checks import overall_verdict, run_checks, uninformative
 from .validation.slices import Positions, positions_from, token_class_table
 from .validation.engine import resolve_placement
@@ -46,57 +47,12 @@ def safe_run_id(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:120]
 
 
-# A remote artifact store (S3 through an Airflow connection) is configured by the DAG
-# side with ``configure_remote``: stages then work in a local store under the cache,
-# publish each finished artifact folder to the remote (manifest written last) and hand
-# out its remote URI; inputs given as remote URIs are staged into the local cache,
-# keyed and verified by their manifest.
-_REMOTE: tuple[object, str] | None = None
+def _ctx(params: dict, store: Store) -> tuple[PipelineParams, ArtifactStore]:
+    """The validated params and the store's work area (where this stage writes)."""
+    return PipelineParams.model_validate(params), store.work
 
 
-def configure_remote(fs, base_uri: str | None) -> None:
-    global _REMOTE
-    _REMOTE = (fs, base_uri.rstrip("/")) if base_uri else None
-
-
-def _ctx(params: dict) -> tuple[PipelineParams, Environment, ArtifactStore]:
-    p = PipelineParams.model_validate(params)
-    env = Environment.from_env()
-    root = env.cache_dir / "work" if _REMOTE else env.artifact_root
-    return p, env, ArtifactStore(root)
-
-
-def _upload(local: Path, rel: str) -> str:
-    from .objectstore import is_complete, upload_folder
-
-    fs, base = _REMOTE
-    dest = f"{base}/{rel}"
-    if is_complete(fs, dest):
-        log.info("%s is already complete in the artifact store; skipping the upload", dest)
-    else:
-        upload_folder(local, fs, dest)
-    return dest
-
-
-def _publish(store: ArtifactStore, local: Path) -> str:
-    """URI of a finished local artifact folder, uploaded first when the store is remote."""
-    if _REMOTE is None:
-        return path_to_uri(local)
-    return _upload(local, local.resolve().relative_to(store.root.resolve()).as_posix())
-
-
-def _local(uri: str) -> Path:
-    """A local folder for an artifact URI (remote ones are staged and verified)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri_to_path(uri)
-    if _REMOTE is None:
-        raise PipelineError(f"{uri} is remote but no remote artifact store is configured on this worker")
-    from .objectstore import stage_folder
-
-    return stage_folder(_REMOTE[0], uri, Environment.from_env().cache_dir / "staged")
-
-
-def validate_params(flat: dict) -> dict:
+def validate_params(flat: dict, *, store: Store) -> dict:
     """Trigger-form params -> the validated, nested settings dict every later stage reads."""
     try:
         p = PipelineParams.from_flat(flat)
@@ -106,8 +62,8 @@ def validate_params(flat: dict) -> dict:
         user_domains(Path(p.evaluation.eval_domains_path))
     mine: list[str] = []
     if p.evaluation.user_tasks_uri:  # so is a broken task folder, naming the file
-        found = user_tasks.check(_user_tasks(p.evaluation.user_tasks_uri, Environment.from_env().cache_dir))
-        mine = sorted(found)
+        found = user_tasks.check(_user_tasks(p.evaluation.user_tasks_uri, store))
+        mine = sorted(k for k in found if k != user_tasks.ANSWERS_FILE)
         log.info("your tasks: %s", "; ".join(f"{k} ({v['output_type']}, {v['items']} items, {v['metric']})"
                                              for k, v in found.items()))
     unknown = sorted(set(p.evaluation.tasks) - set(ALL_TASKS) - set(mine))
@@ -118,71 +74,68 @@ def validate_params(flat: dict) -> dict:
     return p.model_dump(mode="json")
 
 
-def _user_tasks(uri: str, cache_dir: Path) -> Path:
+def _user_tasks(uri: str, store: Store) -> Path:
     """The user's task folder staged on this worker (fetched from the remote store when remote)."""
-    fetch = None
-    if _REMOTE is not None:
-        def fetch(src: str, dest: Path) -> None:
-            _REMOTE[0].get(src.rstrip("/") + "/", str(dest) + "/", recursive=True)
-    return user_tasks.stage(uri, cache_dir, fetch)
+    return user_tasks.stage(uri, store.cache_dir, store.fetch_folder)
 
 
-def _suite(s, env: Environment, device: str) -> TaskSuite | None:
+def _suite(s, store: Store, device: str) -> TaskSuite | None:
     """The task sets this worker measures for evaluation settings ``s`` (same for baseline and candidate)."""
-    if s.task_limit == 0:
+    mine = _user_tasks(s.user_tasks_uri, store) if s.user_tasks_uri else None
+    if s.task_limit == 0 and mine is None:
         return None
-    mine = _user_tasks(s.user_tasks_uri, env.cache_dir) if s.user_tasks_uri else None
     repo = Path(__file__).resolve().parents[2]
-    hidden = tuple(dict.fromkeys(x for x in (env.artifact_root, env.cache_dir, repo) if x.exists()))
-    return build_suite(s, device, env.cache_dir, mine, hidden)
+    hidden = tuple(dict.fromkeys(x for x in (store.artifact_root, store.cache_dir, repo) if x.exists()))
+    return build_suite(s, device, store.cache_dir, mine, hidden)
 
 
-def prep_checkpoint(params: dict) -> dict:
-    p, env, store = _ctx(params)
-    folder = resolve_model_uri(p.model_uri, env.cache_dir)
+def prep_checkpoint(params: dict, *, store: Store) -> dict:
+    p, work = _ctx(params, store)
+    folder = resolve_model_uri(p.model_uri, store.cache_dir)
     info = verify_checkpoint(folder)
     check_group_size(p.quant, info.hidden_size, info.intermediate_size)
-    heldout, heldout_hash = heldout_for(env.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
+    heldout, heldout_hash = heldout_for(store.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
     t0 = time.perf_counter()
     placement = resolve_placement()
-    tasks = _suite(p.evaluation, env, placement.device)
-    uri, metrics, reused = compute_baseline(store, folder, info.checkpoint_hash, heldout, heldout_hash,
+    tasks = _suite(p.evaluation, store, placement.device)
+    uri, metrics, reused = compute_baseline(work, folder, info.checkpoint_hash, heldout, heldout_hash,
                                             p.evaluation, tasks, placement)
     ppl = metrics["perplexity"]["perplexity"]
     log.info("baseline perplexity %.3f (%s, %.1f s)", ppl, "cached" if reused else "computed",
              time.perf_counter() - t0)
     if not reused:
         log.info("baseline measured: %s", _measured(metrics))
-    ckpt_uri = _upload(folder, f"checkpoints/{info.checkpoint_hash[:24]}") if _REMOTE else path_to_uri(folder)
-    uri = _publish(store, uri_to_path(uri))
+    ckpt_uri = store.upload(folder, f"checkpoints/{info.checkpoint_hash[:24]}") if store.is_remote \
+        else path_to_uri(folder)
+    uri = store.publish(uri_to_path(uri))
     return {"checkpoint_uri": ckpt_uri, "checkpoint_hash": info.checkpoint_hash,
             "num_parameters": info.num_parameters, "size_bytes": info.size_bytes,
             "architecture": info.architecture, "vocab_size": info.vocab_size,
             "baseline_uri": uri, "baseline_perplexity": ppl, "baseline_reused": reused}
 
 
-def build_calibration(params: dict, prep: dict) -> dict:
-    p, env, store = _ctx(params)
+def build_calibration(params: dict, prep: dict, *, store: Store) -> dict:
+    p, work = _ctx(params, store)
     if not p.quant.needs_calibration:
         log.info("method %s needs no calibration data; skipping", p.quant.method)
         return {"calibration_uri": None, "calibration_key": None, "num_samples": 0}
     texts = Path(p.calibration.dataset_path) if p.calibration.dataset_path else \
-        builtin_corpus(env.cache_dir) / "calibration.jsonl"
-    res = build_calibration_set(store, texts, _local(prep["checkpoint_uri"]), prep["vocab_size"],
+        builtin_corpus(store.cache_dir) / "calibration.jsonl"
+    res = build_calibration_set(work, texts, store.local_path(prep["checkpoint_uri"]), prep["vocab_size"],
                                 p.calibration)
-    return {"calibration_uri": _publish(store, uri_to_path(res.uri)), "calibration_key": res.key, "num_samples": res.num_samples,
+    return {"calibration_uri": store.publish(uri_to_path(res.uri)), "calibration_key": res.key, "num_samples": res.num_samples,
             "total_tokens": res.total_tokens, "reused": res.reused}
 
 
-def run_quantization(params: dict, prep: dict, calib: dict) -> dict:
-    p, env, store = _ctx(params)
-    samples = load_samples(_local(calib["calibration_uri"])) if calib.get("calibration_uri") else None
-    res = quantize(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"], p.quant, samples,
+def run_quantization(params: dict, prep: dict, calib: dict, *, store: Store) -> dict:
+    p, work = _ctx(params, store)
+    samples = load_samples(store.local_path(calib["calibration_uri"])) if calib.get("calibration_uri") else None
+    res = quantize(work, store.local_path(prep["checkpoint_uri"]), prep["checkpoint_hash"], p.quant, samples,
                    calib.get("calibration_key"), p.calibration.max_seq_length)
     if samples and not res.reused:
         log.info("quantized with %d calibration samples in %.1f s (%.3g samples/s)", len(samples), res.seconds,
                  len(samples) / res.seconds if res.seconds else 0.0)
-    return {"quantized_uri": _publish(store, uri_to_path(res.uri)), "scheme": res.scheme, "method": p.quant.method,
+    return {"quantized_uri": store.publish(uri_to_path(res.uri)), "scheme": res.scheme, "method": p.quant.method,
             "seconds": res.seconds, "size_bytes": res.size_bytes, "reused": res.reused}
 
 
@@ -219,18 +172,18 @@ RARE_REFERENCE_PASSAGES = 800
 
 
 def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: str = "validation",
-                   extra: dict | None = None) -> dict:
+                   extra: dict | None = None, *, store: Store) -> dict:
     """Measure the quantized model exactly as the baseline was measured, check every slice
     with its confidence, rank layer sensitivity, and write one report (JSON + HTML) under
     runs/<run_id>/<label>-*."""
-    p, env, store = _ctx(params)
+    p, work = _ctx(params, store)
     placement = resolve_placement()
-    heldout, heldout_hash = heldout_for(env.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
-    qpath = _local(quant["quantized_uri"])
+    heldout, heldout_hash = heldout_for(store.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
+    qpath = store.local_path(quant["quantized_uri"])
     s, t0, rounds = p.evaluation, time.perf_counter(), []
     qmodel = tok = classes = None
     while True:
-        tasks = _suite(s, env, placement.device)
+        tasks = _suite(s, store, placement.device)
         baseline, bfolder = _matching_baseline(store, prep, heldout, heldout_hash, s, tasks, placement)
         reference = load_reference(bfolder)
         if qmodel is None:
@@ -242,7 +195,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
         quantized.pop("dist")
         log.info("round %d measured: %s", len(rounds) + 1, _measured(quantized))
         pos, missing = _positions(baseline, quantized, reference)
-        classes = classes if classes is not None else _token_classes(tok, env.cache_dir)
+        classes = classes if classes is not None else _token_classes(tok, store.cache_dir)
         wanted = list(tasks.names) if tasks is not None else []
         checks, side = run_checks(baseline, quantized, p.tolerances, pos, classes, wanted, missing)
         side["excluded"].extend({"name": f"task:{n}", "reason": why, "baseline": None, "chance": None, "n": 0}
@@ -263,7 +216,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
         quantized.pop(k)
     sens = None
     if s.sensitivity_layers:
-        bmodel, _ = load_model(_local(prep["checkpoint_uri"]), placement)
+        bmodel, _ = load_model(store.local_path(prep["checkpoint_uri"]), placement)
         sens = sensitivity(bmodel, qmodel, ids, s.ppl_window, s.sensitivity_layers)
         del bmodel
     del qmodel
@@ -273,7 +226,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     prov = json.loads((qpath / PROVENANCE).read_text())
     report = build_report(
         run_id=run_id,
-        model={"uri": prep["checkpoint_uri"], "path": str(_local(prep["checkpoint_uri"])),
+        model={"uri": prep["checkpoint_uri"], "path": str(store.local_path(prep["checkpoint_uri"])),
                "checkpoint_hash": prep["checkpoint_hash"], "num_parameters": prep["num_parameters"],
                "size_bytes": prep["size_bytes"]},
         quantization={**quant, "provenance": prov}, baseline=baseline, quantized=quantized,
@@ -293,10 +246,10 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
         report.update(extra)
     rid = safe_run_id(run_id)
     name = f"{label}-{quant['method']}-{time.strftime('%Y%m%dT%H%M%S')}"
-    with store.writing("runs", rid, name, meta={"passed": report["passed"], "verdict": report["verdict"]}) as out:
+    with work.writing("runs", rid, name, meta={"passed": report["passed"], "verdict": report["verdict"]}) as out:
         (out / REPORT_JSON).write_text(json.dumps(report, indent=1))
         (out / REPORT_HTML).write_text(render_html(report))
-    folder_uri = _publish(store, store.path("runs", rid, name))
+    folder_uri = store.publish(work.path("runs", rid, name))
     log.info("%s %s; report: %s/%s", label, report["verdict"] + ("" if report["passed"] else
              " (failed: " + ", ".join(report["failed_checks"]) + "; inconclusive: " +
              ", ".join(report["inconclusive_checks"]) + ")"), folder_uri, REPORT_HTML)
@@ -317,11 +270,11 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
             "quant": quant, "settings": params, **({"attempt": extra["remediation"]["attempt"]} if extra else {})}
 
 
-def _matching_baseline(store: ArtifactStore, prep: dict, heldout: dict, heldout_hash: str, s, tasks,
+def _matching_baseline(store: Store, prep: dict, heldout: dict, heldout_hash: str, s, tasks,
                        placement) -> tuple[dict, Path]:
     """The baseline measured exactly as the candidate will be: prep's when it matches (device
     kind, held-out text, evaluation settings), else the one cached or measured for these."""
-    bfolder = _local(prep["baseline_uri"])
+    bfolder = store.local_path(prep["baseline_uri"])
     baseline = json.loads((bfolder / BASELINE_FILE).read_text())
     same = (baseline.get("engine", "cpu-float32") == placement.kind and baseline.get("settings") == s.model_dump(mode="json")
             and (baseline.get("heldout") or {}).get("content_sha256") == heldout_hash)
@@ -330,7 +283,7 @@ def _matching_baseline(store: ArtifactStore, prep: dict, heldout: dict, heldout_
     log.info("baseline from prep was measured otherwise (%s); using the baseline for %s on %s",
              baseline.get("engine", "cpu-float32"), {"ppl_max_tokens": s.ppl_max_tokens, "task_limit": s.task_limit},
              placement.kind)
-    uri, baseline, _ = compute_baseline(store, _local(prep["checkpoint_uri"]), prep["checkpoint_hash"], heldout,
+    uri, baseline, _ = compute_baseline(store.work, store.local_path(prep["checkpoint_uri"]), prep["checkpoint_hash"], heldout,
                                         heldout_hash, s, tasks, placement)
     return baseline, uri_to_path(uri)
 
@@ -427,7 +380,8 @@ def safer_settings(params: dict, previous: dict, attempt: int, n_layers: int) ->
     return new.model_dump(mode="json"), changes
 
 
-def remediate(params: dict, prep: dict, previous: list[dict | None], attempt: int, run_id: str) -> dict | None:
+def remediate(params: dict, prep: dict, previous: list[dict | None], attempt: int, run_id: str, *,
+              store: Store) -> dict | None:
     """One remediation attempt, or None when none is needed (last result passed, remediation
     off, or attempts exhausted). The caller turns None into a visible skip."""
     p = PipelineParams.model_validate(params)
@@ -439,15 +393,15 @@ def remediate(params: dict, prep: dict, previous: list[dict | None], attempt: in
         log.info("remediation attempt %d not run (enabled=%s, max_attempts=%d)", attempt,
                  p.remediation.enabled, p.remediation.max_attempts)
         return None
-    n_layers = json.loads((_local(prep["checkpoint_uri"]) / "config.json").read_text())["num_hidden_layers"]
+    n_layers = json.loads((store.local_path(prep["checkpoint_uri"]) / "config.json").read_text())["num_hidden_layers"]
     new_params, changes = safer_settings(params, last, attempt, n_layers)
     log.info("remediation attempt %d after %s failed: %s", attempt, ", ".join(last["failed_checks"]), changes)
-    calib = build_calibration(new_params, prep)
-    quant = run_quantization(new_params, prep, calib)
+    calib = build_calibration(new_params, prep, store=store)
+    quant = run_quantization(new_params, prep, calib, store=store)
     first_size = latest_result(previous[:1] or previous)["quant"]["size_bytes"]
     extra = {"remediation": {"attempt": attempt, "after_failed_checks": last["failed_checks"], "changes": changes,
                              "size_bytes": quant["size_bytes"], "size_vs_first_attempt": quant["size_bytes"] / first_size}}
-    return run_validation(new_params, prep, quant, run_id, label=f"remediation{attempt}", extra=extra)
+    return run_validation(new_params, prep, quant, run_id, label=f"remediation{attempt}", extra=extra, store=store)
 
 
 def gate(validation: dict) -> bool:
@@ -459,14 +413,15 @@ def gate(validation: dict) -> bool:
     return bool(validation["passed"])
 
 
-def publish_approved(params: dict, validation: dict, run_id: str, review: dict | None = None) -> dict:
+def publish_approved(params: dict, validation: dict, run_id: str, review: dict | None = None, *,
+                     store: Store) -> dict:
     """Record the approved model's URI: a per-run record and a per-model pointer (atomic replace).
 
     ``review`` is the person's answer (``validation.review.review_record``) when the verdict went to
     a review; it is part of the record, and a needed review must have approved."""
     from .validation.review import gate_decision
 
-    p, env, store = _ctx(params)
+    p, work = _ctx(params, store)
     if not gate_decision(validation, review):
         raise PipelineError(f"refusing to publish a model whose validation verdict is {validation.get('verdict')}"
                             + (" and whose review rejected it" if review else ""))
@@ -477,44 +432,33 @@ def publish_approved(params: dict, validation: dict, run_id: str, review: dict |
               "review": review,
               "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rid = safe_run_id(run_id)
-    with store.writing("runs", rid, "approved") as out:
+    with work.writing("runs", rid, "approved") as out:
         (out / "approved.json").write_text(json.dumps(record, indent=1))
-    record_uri = _publish(store, store.path("runs", rid, "approved"))
-    if _REMOTE:
-        fs, base = _REMOTE
-        fs.pipe_file(f"{base}/approved/{p.run_name}.json", json.dumps(record, indent=1).encode())
-        log.info("approved model published: %s (pointer %s/approved/%s.json)", quant["quantized_uri"], base,
-                 p.run_name)
-        return {"approved_uri": quant["quantized_uri"], "record_uri": record_uri,
-                "pointer_uri": f"{base}/approved/{p.run_name}.json"}
-    pointer = store.path("approved", f"{p.run_name}.json")
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pointer.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, pointer)
+    record_uri = store.publish(work.path("runs", rid, "approved"))
+    pointer = store.write_pointer(f"approved/{p.run_name}.json", record)
     log.info("approved model published: %s (pointer %s)", quant["quantized_uri"], pointer)
-    return {"approved_uri": quant["quantized_uri"], "record_uri": record_uri, "pointer_uri": path_to_uri(pointer)}
+    return {"approved_uri": quant["quantized_uri"], "record_uri": record_uri, "pointer_uri": pointer}
 
 
-def record_review(params: dict, result: dict, record: dict, run_id: str) -> str:
+def record_review(params: dict, result: dict, record: dict, run_id: str, *, store: Store) -> str:
     """Keep a person's review of a release next to the run's reports:
     runs/<run_id>/review/review.json (written once; a later, different review of the same run,
     after its review task was cleared and answered again, goes to review-2, review-3, ...).
     Returns the URI of the review.json."""
-    p, env, store = _ctx(params)
+    p, work = _ctx(params, store)
     rid = safe_run_id(run_id)
     body = {"run_id": run_id, "run_name": p.run_name, **record}
     for n in range(1, 100):
         name = "review" if n == 1 else f"review-{n}"
-        existing = store.find("runs", rid, name)
+        existing = work.find("runs", rid, name)
         if existing is not None:
             if json.loads((existing / "review.json").read_text()) == body:  # the same answer, recorded again
-                return _publish(store, existing) + "/review.json"
+                return store.publish(existing) + "/review.json"
             continue
-        with store.writing("runs", rid, name, meta={"approved": bool(record.get("approved")),
+        with work.writing("runs", rid, name, meta={"approved": bool(record.get("approved")),
                                                    "verdict": record.get("verdict")}) as out:
             (out / "review.json").write_text(json.dumps(body, indent=1))
-        uri = _publish(store, store.path("runs", rid, name)) + "/review.json"
+        uri = store.publish(work.path("runs", rid, name)) + "/review.json"
         log.info("review recorded: %s by %s (%s)", "approved" if record.get("approved") else "rejected",
                  (record.get("responded_by") or {}).get("name", "nobody (timeout default)"), uri)
         return uri

@@ -5,6 +5,8 @@ Pure library (no Airflow imports). The DAGs in ``dags/llm_requantize.py`` call i
 - ``load_entries``: the configured list (Airflow Variable JSON, else a YAML file, else the
   built-in model with fp8), each entry validated through ``PipelineParams.from_flat`` so a
   bad entry fails the plan with the reason instead of failing the triggered run.
+  ``config_path`` says which YAML file: ``QUANTPIPE_REQUANTIZE_CONFIG`` when set (the file must
+  then exist), else the caller's default (the checkout's ``include/requantize.yaml``).
 - ``fingerprint``: sha256 over the checkpoint's content hash (the same hash
   ``prep_checkpoint`` records) and the entry's fully resolved settings.
 - ``RequantState``: a small JSON record in the artifact store
@@ -18,6 +20,7 @@ Pure library (no Airflow imports). The DAGs in ``dags/llm_requantize.py`` call i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -27,6 +30,8 @@ from pathlib import Path
 from .hashing import sha256_file, sha256_json
 from .settings import DEFAULT_MODEL_URI, PipelineParams
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "requantize_state.json"
 SCAN_FILE = "checkpoint_scan.json"
 HASHED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja")  # as quantpipe.prep.checkpoint
@@ -34,6 +39,7 @@ MANIFEST = "MANIFEST.json"
 DEFAULT_ENTRIES: list[dict] = [{"model_uri": DEFAULT_MODEL_URI, "method": "fp8", "bits": 8,
                                 "run_name": "smollm2-fp8"}]
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+CONFIG_ENV = "QUANTPIPE_REQUANTIZE_CONFIG"
 
 
 class PlanError(ValueError):
@@ -42,9 +48,23 @@ class PlanError(ValueError):
 
 # ------------------------------------------------------------------ entries
 
-def load_entries(variable_value: str | None = None, yaml_path: Path | None = None) -> list[dict]:
+def config_path(default: Path | None, environ: dict | None = None) -> tuple[Path | None, bool]:
+    """(YAML file of the re-quantization list, whether it must exist): ``QUANTPIPE_REQUANTIZE_CONFIG``
+    when set - a deployment that names a file means it, so a missing one is an error - else
+    ``default`` (the single-machine checkout's ``include/requantize.yaml``, which an image may lack:
+    then the built-in entries)."""
+    env = os.environ if environ is None else environ
+    configured = env.get(CONFIG_ENV)
+    if configured:
+        return Path(configured).expanduser(), True
+    return (Path(default) if default is not None else None), False
+
+
+def load_entries(variable_value: str | None = None, yaml_path: Path | None = None,
+                 required: bool = False) -> list[dict]:
     """The configured entries: a JSON list in ``variable_value`` (an Airflow Variable), else
-    ``yaml_path`` (``entries:`` list or a bare list), else ``DEFAULT_ENTRIES``.
+    ``yaml_path`` (``entries:`` list or a bare list), else ``DEFAULT_ENTRIES``. ``required``: a
+    missing ``yaml_path`` is a PlanError (when the Variable is unset) instead of the defaults.
     Each entry is a dict of the main DAG's flat params (model_uri, method, bits, ...)."""
     raw: object
     source: str
@@ -58,8 +78,16 @@ def load_entries(variable_value: str | None = None, yaml_path: Path | None = Non
         import yaml
 
         source = str(yaml_path)
-        raw = yaml.safe_load(Path(yaml_path).read_text())
+        try:
+            raw = yaml.safe_load(Path(yaml_path).read_text())
+        except yaml.YAMLError as e:
+            raise PlanError(f"re-quantization list {yaml_path} is not valid YAML: {e}") from e
+    elif required:
+        raise PlanError(f"re-quantization list {yaml_path} does not exist ({CONFIG_ENV} names it); "
+                        f"create it, point {CONFIG_ENV} at an existing file, or unset it")
     else:
+        log.info("no re-quantization list at %s and no Variable: using the built-in entries %s",
+                 yaml_path, DEFAULT_ENTRIES)
         return [dict(e) for e in DEFAULT_ENTRIES]
     if isinstance(raw, dict):
         raw = raw.get("entries")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import make_settings, params, write_validation
+from quantpipe.store import Store
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-4b1d"
@@ -68,12 +69,12 @@ def live(env, w8a8_model, gens_w8a8) -> dict:
     """W8A8 serving as NAME behind env's endpoint: kept when it already is, deployed otherwise."""
     from quantpipe.deployment.api import status
 
-    st = status(NAME, settings=env.settings)
+    st = status(NAME, settings=env.settings, artifacts=Store.local())
     if not (st.get("alive") and st.get("model_uri") == w8a8_model.resolve().as_uri()):
         d = _deploy(env, w8a8_model, gens_w8a8, f"run-w8a8-{time.strftime('%H%M%S')}-{os.getpid()}")
         print("w8a8 deploy:", {k: d[k] for k in ("load_seconds", "health_agreement", "pid", "port", "scheme",
                                                   "target")})
-        st = status(NAME, settings=env.settings)
+        st = status(NAME, settings=env.settings, artifacts=Store.local())
     assert st["alive"] and st["scheme"] == "W8A8"
     return st
 
@@ -83,7 +84,7 @@ def _deploy(env: Env, model: Path, gens: list[dict], run: str, name: str = NAME,
 
     v = write_validation(env.store, run, model, gens)
     return deploy_approved(params(name), {"approved_uri": model.as_uri()}, v, run, api_key=KEY,
-                           settings={**env.settings, **settings})
+                           settings={**env.settings, **settings}, artifacts=Store.local())
 
 
 def _complete(s, prompt="The capital of France is", key=KEY, model=NAME) -> dict:
@@ -141,12 +142,12 @@ def test_switchover_to_bf16_and_rollback(env, live, model_dir, gens_bf16, w8a8_m
     assert endpoint_status(s)["routes"][NAME]["upstream"] == d["server_url"]
     assert "Paris" in _complete(s)["choices"][0]["text"]
 
-    r = rollback(NAME, "rollback-1", api_key=KEY, settings=env.settings)
+    r = rollback(NAME, "rollback-1", api_key=KEY, settings=env.settings, artifacts=Store.local())
     print("rollback:", {k: r[k] for k in ("load_seconds", "health_agreement", "pid", "model_uri")})
     assert r["kind"] == "rollback" and r["model_uri"] == w8a8_model.resolve().as_uri() and r["scheme"] == "W8A8"
     assert r["previous_record_uri"] == live["previous_record_uri"]  # one step further back
     assert not is_alive(_record(d["record_uri"]).server)
-    st = status(NAME, settings=env.settings)
+    st = status(NAME, settings=env.settings, artifacts=Store.local())
     assert st["alive"] and st["record_uri"] == r["record_uri"]
     assert "Paris" in _complete(s)["choices"][0]["text"]
 
@@ -203,7 +204,7 @@ def test_4bit_served_where_the_target_serves_it_else_refused(own_env, gptq4_mode
         assert d["scheme"] == "W4A16_ASYM" and d["target"] == target.name
         assert d["health_agreement"] >= env.s.health_min_agreement
         assert "Paris" in _complete(env.s)["choices"][0]["text"]
-        assert status(NAME, settings=env.settings)["alive"]
+        assert status(NAME, settings=env.settings, artifacts=Store.local())["alive"]
     else:  # cpu-avx2: refused before anything is launched, with the reason
         assert target.name == "cpu-avx2" and not target.avx512
         with pytest.raises(PreflightError) as e:
@@ -213,7 +214,7 @@ def test_4bit_served_where_the_target_serves_it_else_refused(own_env, gptq4_mode
         assert msg.startswith("deploy refused by pre-flight: the cpu-avx2 vLLM build cannot serve W4A16_ASYM")
         assert "cpu-avx2 vLLM build cannot serve W4A16_ASYM" in msg and "cpu_gemm_wna16" in msg
         assert "avx2 without avx512f" in msg and "method w8a8" in msg
-        assert status(NAME, settings=env.settings) == {"name": NAME, "deployed": False}
+        assert status(NAME, settings=env.settings, artifacts=Store.local()) == {"name": NAME, "deployed": False}
         assert not list((env.s.state_dir / "logs").glob("*.log")), "no server was launched"
 
 
@@ -300,7 +301,7 @@ def test_two_models_behind_one_endpoint_switch_over_independently(own_env, w8a8_
     assert sw["mode"] == "drain-and-replace" and sw["drain"]["drained"] and sw["drain"]["in_flight_at_start"] == 1
     assert b2["scheme"] == "BF16" and not is_alive(switchover.load_record(b["record_uri"])[0].server)
     assert alpha_answers and all(x is True for x in alpha_answers), alpha_answers
-    st = status("alpha", settings=env.settings)
+    st = status("alpha", settings=env.settings, artifacts=Store.local())
     assert st["alive"] and st["pid"] == a["pid"] and st["record_uri"] == a["record_uri"], "alpha was not touched"
     assert "Paris" in _complete(s, model="beta")["choices"][0]["text"]
 
@@ -311,10 +312,10 @@ def test_two_models_behind_one_endpoint_switch_over_independently(own_env, w8a8_
         _deploy(env, broken, gens_bf16, "run-beta-broken", name="beta", switchover="drain-and-replace")
     print(f"broken beta: automatic rollback in {time.monotonic() - t2:.0f} s:", str(e.value)[:300])
     assert "Automatic rollback: the previous model (BF16" in str(e.value)
-    st = status("beta", settings=env.settings)
+    st = status("beta", settings=env.settings, artifacts=Store.local())
     assert st["alive"] and st["kind"] == "restore" and st["model_uri"] == model_dir.resolve().as_uri()
     assert st["previous_record_uri"] == b["record_uri"]
     assert "Paris" in _complete(s, model="beta")["choices"][0]["text"]
-    assert status("alpha", settings=env.settings)["pid"] == a["pid"]
+    assert status("alpha", settings=env.settings, artifacts=Store.local())["pid"] == a["pid"]
     assert "Paris" in _complete(s, model="alpha")["choices"][0]["text"]
     print(f"whole test (after fixtures) {time.monotonic() - t0:.0f} s")

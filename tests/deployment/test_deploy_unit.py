@@ -21,6 +21,7 @@ from quantpipe.deployment.settings import DeploySettings
 from quantpipe.errors import PipelineError
 
 from .conftest import DATA, fake_model, free_port, params, write_validation
+from quantpipe.store import Store
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of"]
 GOOD = {PROMPTS[0]: [7042, 30, 198, 198, 504], PROMPTS[1]: [1130, 216, 33, 28, 32]}
@@ -119,14 +120,14 @@ def test_report_checks(fake_env):
     s, store, tmp = fake_env
     m = fake_model(tmp, "m", GOOD)
     v = write_validation(store, "r1", m, gens())
-    assert pf.check_report(v, m.as_uri())["passed"] is True
+    assert pf.check_report(v, m.as_uri(), Store.local())["passed"] is True
     with pytest.raises(pf.PreflightError, match="validation did not pass"):
-        pf.check_report({**v, "passed": False}, m.as_uri())
+        pf.check_report({**v, "passed": False}, m.as_uri(), Store.local())
     with pytest.raises(pf.PreflightError, match="not the approved model"):
-        pf.check_report(v, (tmp / "other").as_uri())
+        pf.check_report(v, (tmp / "other").as_uri(), Store.local())
     bad = write_validation(store, "r2", m, gens(), passed=False)
     with pytest.raises(pf.PreflightError, match="says passed=False"):
-        pf.check_report({**bad, "passed": True}, m.as_uri())
+        pf.check_report({**bad, "passed": True}, m.as_uri(), Store.local())
 
 
 # ---- health comparison -----------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def _deploy(s, store, model, run):
 
     v = write_validation(store, run, model, gens())
     return deploy_approved(params(), {"approved_uri": model.as_uri()}, v, run,
-                           settings=s.model_dump(mode="json"), api_key="sekret-123")
+                           settings=s.model_dump(mode="json"), api_key="sekret-123", artifacts=Store.local())
 
 
 def _ask(s):
@@ -242,16 +243,16 @@ def test_switchover_failure_paths_and_rollback(fake_env):
     dies = fake_model(tmp, "dies", GOOD, die_on_completion=True)
     with pytest.raises(HealthError):
         _deploy(s, store, dies, "run5")
-    st = api.status("smollm2", settings=s.model_dump(mode="json"))
+    st = api.status("smollm2", settings=s.model_dump(mode="json"), artifacts=Store.local())
     assert st["record_uri"] == d2["record_uri"] and st["alive"] and st["endpoint"]["upstream"].endswith(f":{d2['port']}")
     assert _ask(s)["choices"][0]["text"] == "7042 30 198 198 504"
 
-    r = api.rollback("smollm2", "rb1", settings=s.model_dump(mode="json"))
+    r = api.rollback("smollm2", "rb1", settings=s.model_dump(mode="json"), artifacts=Store.local())
     assert r["kind"] == "rollback" and r["model_uri"] == m1.as_uri() and r["previous_record_uri"] is None
     assert not server.is_alive(switchover.load_record(d2["record_uri"])[0].server)
     assert _ask(s)["model"] == "smollm2"
     with pytest.raises(PipelineError, match="no previous record"):
-        api.rollback("smollm2", "rb2", settings=s.model_dump(mode="json"))
+        api.rollback("smollm2", "rb2", settings=s.model_dump(mode="json"), artifacts=Store.local())
 
 
 def test_deploy_refuses_failed_validation(fake_env):
@@ -261,9 +262,9 @@ def test_deploy_refuses_failed_validation(fake_env):
     m = fake_model(tmp, "m", GOOD)
     v = write_validation(store, "r", m, gens(), passed=False)
     with pytest.raises(PipelineError, match="validation did not pass"):
-        deploy_approved(params(), {"approved_uri": m.as_uri()}, v, "r", settings=s.model_dump(mode="json"))
+        deploy_approved(params(), {"approved_uri": m.as_uri()}, v, "r", settings=s.model_dump(mode="json"), artifacts=Store.local())
     with pytest.raises(PipelineError, match="no approved_uri"):
-        deploy_approved(params(), {}, v, "r", settings=s.model_dump(mode="json"))
+        deploy_approved(params(), {}, v, "r", settings=s.model_dump(mode="json"), artifacts=Store.local())
 
 
 # ---- health timeouts scale with the server's measured speed ------------------------------------------------------

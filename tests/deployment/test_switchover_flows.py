@@ -14,6 +14,7 @@ import pytest
 from quantpipe.deployment import api, placement, server, switchover
 
 from .conftest import fake_model, params, write_validation
+from quantpipe.store import Store
 
 KEY = "flow-key-9"
 PROMPT = "The capital of France is"
@@ -28,7 +29,7 @@ def gens(answers=GOOD):
 def deploy(s, store, model, name, run, **settings):
     v = write_validation(store, run, model, gens())
     return api.deploy_approved(params(name), {"approved_uri": model.as_uri()}, v, run,
-                               settings={**s.model_dump(mode="json"), **settings}, api_key=KEY)
+                               settings={**s.model_dump(mode="json"), **settings}, api_key=KEY, artifacts=Store.local())
 
 
 def ask(s, model, key=KEY):
@@ -72,12 +73,12 @@ def test_two_names_behind_one_endpoint_switch_over_independently(fake_env, monke
         "/proc/cpuinfo").read() else "cpu-avx2"]
     assert not server.is_alive(switchover.load_record(b["record_uri"])[0].server)
     assert server.is_alive(switchover.load_record(a["record_uri"])[0].server), "alpha's server kept serving"
-    assert api.status("alpha", settings=s.model_dump(mode="json"))["pid"] == a["pid"]
+    assert api.status("alpha", settings=s.model_dump(mode="json"), artifacts=Store.local())["pid"] == a["pid"]
     rec = switchover.load_record(b2["record_uri"])[0]
     assert rec.switchover["mode"] == "beside" and rec.switchover["memory"]["available_bytes"] == 64 * GiB
 
     # beta rolls back on its own; alpha's route and server stay as they were
-    r = api.rollback("beta", "rbb", api_key=KEY, settings=s.model_dump(mode="json"))
+    r = api.rollback("beta", "rbb", api_key=KEY, settings=s.model_dump(mode="json"), artifacts=Store.local())
     assert r["model_uri"] == (tmp / "b1").as_uri() and r["kind"] == "rollback"
     assert switchover.route(s, "alpha")["upstream"] == a["server_url"]
     assert ask(s, "alpha")[0] == ask(s, "beta")[0] == 200
@@ -109,7 +110,7 @@ def test_drain_and_replace_when_memory_is_short_and_automatic_rollback(fake_env,
     assert msg.startswith("deploy failed: vLLM exited during startup")
     assert msg.index(". Automatic rollback: the previous model (FP8_DYNAMIC, ") < msg.index("Try:")
     assert m2.as_uri() in msg and "serves again" in msg
-    st = api.status("alpha", settings=s.model_dump(mode="json"))
+    st = api.status("alpha", settings=s.model_dump(mode="json"), artifacts=Store.local())
     assert st["alive"] and st["kind"] == "restore" and st["model_uri"] == m2.as_uri()
     assert st["previous_record_uri"] == d1["record_uri"], "the chain is as if the failed deploy never happened"
     rec = switchover.load_record(st["record_uri"])[0]
@@ -121,13 +122,13 @@ def test_drain_and_replace_when_memory_is_short_and_automatic_rollback(fake_env,
     with pytest.raises(Exception, match="health check failed") as e:
         deploy(s, store, wrong, "alpha", "r4")
     assert "Automatic rollback" in str(e.value)
-    assert api.status("alpha", settings=s.model_dump(mode="json"))["model_uri"] == m2.as_uri()
+    assert api.status("alpha", settings=s.model_dump(mode="json"), artifacts=Store.local())["model_uri"] == m2.as_uri()
     # beta was never touched
-    assert api.status("beta", settings=s.model_dump(mode="json"))["pid"] == other["pid"]
+    assert api.status("beta", settings=s.model_dump(mode="json"), artifacts=Store.local())["pid"] == other["pid"]
     assert ask(s, "beta")[0] == 200
 
     # a manual rollback from the restored record goes to the model before m2
-    r = api.rollback("alpha", "rb", api_key=KEY, settings=s.model_dump(mode="json"))
+    r = api.rollback("alpha", "rb", api_key=KEY, settings=s.model_dump(mode="json"), artifacts=Store.local())
     assert r["model_uri"] == m1.as_uri() and r["switchover"]["mode"] == "drain-and-replace"
 
 

@@ -62,7 +62,8 @@ def test_fp8_run_passes_the_gate_and_publishes(dag, artifact_root):
     # about the DAG's plumbing of the task sets and the user's folder, so the task tolerance is
     # opened and every set is shown as excluded with its reason (test_user_tasks_e2e decides one)
     dr, states, _ = run(dag, {**FAST, "method": "fp8", "bits": 8, "run_name": "e2e-fp8", "task_limit": 4,
-                              "task_drop_pct": 100, "user_tasks_uri": str(MINE)})
+                              "task_drop_pct": 100, "user_tasks_uri": str(MINE),
+                              "tasks": ["qp_piqa", "qp_asdiv", "qp_mmlu", "qp_gsm8k", "qp_humaneval", "capitals"]})
     assert str(dr.state) == "success", states
     assert states["quantize_fp8"] == "success" and states["quantize"] == "skipped"
     assert states["publish_approved"] == "success"
@@ -75,7 +76,11 @@ def test_fp8_run_passes_the_gate_and_publishes(dag, artifact_root):
     assert {"kl_divergence", "top1_agreement", "kl:domain:code", "top1:class:digits", "answers:fact"} <= names
     # every task set is either checked or excluded with its reason (4 items cannot show damage)
     excluded = {x["name"]: x["reason"] for x in rep["excluded_checks"]}
-    assert {"task:qp_piqa", "task:qp_asdiv", "task:capitals"} <= names | set(excluded) and all(excluded.values())
+    sets = {"task:qp_piqa", "task:qp_asdiv", "task:qp_mmlu", "task:qp_gsm8k", "task:qp_humaneval", "task:capitals"}
+    assert sets <= names | set(excluded) and all(excluded.values())
+    code = rep["accuracy"]["baseline"]["tasks"]["qp_humaneval"]
+    assert code["metric"] == "pass@1" and code["n"] == 4 and "namespaces" in code["isolation"]
+    assert set(rep["suite"]["measured"]) == {x.removeprefix("task:") for x in sets}
     assert all(c["verdict"] == "PASS" and c["low"] <= c["estimate"] <= c["high"] for c in rep["checks"])
     assert 0 < rep["kl"]["mean"] < 0.25 and len(rep["sensitivity"]["layers"]) == 210
     assert rep["accuracy"]["baseline"]["tasks"]["qp_piqa"]["n"] == 4

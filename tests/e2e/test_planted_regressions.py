@@ -18,6 +18,7 @@ import pytest
 
 from quantpipe import pipeline
 from quantpipe.artifacts import uri_to_path
+from quantpipe.store import Store
 
 from . import plants
 
@@ -32,14 +33,14 @@ PLANTED = {**plants.CATEGORY, **plants.WHOLE}
 
 @pytest.fixture(scope="module")
 def prep(model_dir):
-    settings = pipeline.validate_params(CONF)
-    return settings, pipeline.prep_checkpoint(settings)
+    settings = pipeline.validate_params(CONF, store=Store.local())
+    return settings, pipeline.prep_checkpoint(settings, store=Store.local())
 
 
 def _validate(settings, prep, folder: Path, name: str) -> dict:
     quant = {"quantized_uri": folder.as_uri(), "method": name, "scheme": "planted", "seconds": 0.0,
              "size_bytes": (folder / "model.safetensors").stat().st_size}
-    return pipeline.run_validation(settings, prep, quant, f"planted-{name}")
+    return pipeline.run_validation(settings, prep, quant, f"planted-{name}", store=Store.local())
 
 
 @pytest.mark.parametrize("name", list(PLANTED))
@@ -63,11 +64,11 @@ SOUND = {
 
 @pytest.mark.parametrize("name", list(SOUND))
 def test_sound_quantization_passes(name, prep):
-    settings = pipeline.validate_params({**CONF, **SOUND[name], "run_name": f"sound-{name}"})
+    settings = pipeline.validate_params({**CONF, **SOUND[name], "run_name": f"sound-{name}"}, store=Store.local())
     _, p = prep  # the checkpoint and its cached baseline (evaluation settings are the same)
-    calib = pipeline.build_calibration(settings, p)
-    quant = pipeline.run_quantization(settings, p, calib)
-    res = pipeline.run_validation(settings, p, quant, f"planted-sound-{name}")
+    calib = pipeline.build_calibration(settings, p, store=Store.local())
+    quant = pipeline.run_quantization(settings, p, calib, store=Store.local())
+    res = pipeline.run_validation(settings, p, quant, f"planted-sound-{name}", store=Store.local())
     assert res["verdict"] == "PASS" and res["passed"], (name, res["failed_checks"], res["inconclusive_checks"])
     assert res["mean_kl"] is not None and res["mean_kl"] < 0.25
     report = json.loads((uri_to_path(res["report_folder_uri"]) / "report.json").read_text())

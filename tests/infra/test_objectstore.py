@@ -248,6 +248,8 @@ def test_user_task_folder_from_s3_is_staged_and_checked(s3_srv, tmp_path, monkey
     """A user's lm-eval task folder given as s3://: fetched through the remote store, its data
     paths made absolute, loaded by lm-eval; a folder that is not there is refused naming it."""
     from quantpipe import pipeline
+    from quantpipe.errors import PipelineError
+    from quantpipe.store import Store
     from quantpipe.validation import user_tasks
 
     fs = s3_srv.fs()
@@ -255,14 +257,13 @@ def test_user_task_folder_from_s3_is_staged_and_checked(s3_srv, tmp_path, monkey
     uri = f"s3://{s3_srv.bucket}/tests/{uuid.uuid4().hex[:10]}/my-tasks"
     fs.put(str(src) + "/", uri + "/", recursive=True)
     monkeypatch.setenv("QUANTPIPE_CACHE", str(tmp_path / "cache"))
-    pipeline.configure_remote(fs, f"s3://{s3_srv.bucket}/tests")
-    try:
-        out = pipeline.validate_params({"user_tasks_uri": uri, "tasks": ["capitals"]})
-        staged = pipeline._user_tasks(uri, tmp_path / "cache")
-        assert user_tasks.check(staged)["capitals"]["items"] == 40
-        assert str(staged / "data" / "capitals.jsonl") in (staged / "capitals.yaml").read_text()
-        assert out["evaluation"]["user_tasks_uri"] == uri
-        with pytest.raises(user_tasks.UserTasksError, match="not a folder|no task YAML|could not fetch"):
-            pipeline.validate_params({"user_tasks_uri": uri + "-missing"})
-    finally:
-        pipeline.configure_remote(None, None)
+    store = Store.remote(fs, f"s3://{s3_srv.bucket}/tests")
+    out = pipeline.validate_params({"user_tasks_uri": uri, "tasks": ["capitals"]}, store=store)
+    staged = pipeline._user_tasks(uri, store)
+    assert user_tasks.check(staged)["capitals"]["items"] == 40
+    assert str(staged / "data" / "capitals.jsonl") in (staged / "capitals.yaml").read_text()
+    assert out["evaluation"]["user_tasks_uri"] == uri
+    with pytest.raises(user_tasks.UserTasksError, match="not a folder|no task YAML|could not fetch"):
+        pipeline.validate_params({"user_tasks_uri": uri + "-missing"}, store=store)
+    with pytest.raises(PipelineError, match="this worker's artifact store is local"):  # no remote store here
+        pipeline.validate_params({"user_tasks_uri": uri}, store=Store.local())

@@ -8,6 +8,7 @@ import pytest
 from quantpipe.assets.domains import BUILTIN_DOMAINS, LICENSES, heldout_for, structured_rows, user_domains
 from quantpipe.errors import PipelineError
 from quantpipe.pipeline import validate_params
+from quantpipe.store import Store
 
 
 def test_builtin_domains_ship_offline_with_licences(cache_dir):
@@ -41,7 +42,7 @@ def test_a_broken_domain_file_is_refused_before_any_work(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("[1, 2]\n")
     with pytest.raises(PipelineError, match="bad.jsonl:1"):
-        validate_params({"eval_domains_path": str(bad)})
+        validate_params({"eval_domains_path": str(bad)}, store=Store.local())
 
 
 def test_heldout_windows_never_cross_a_domain(model_dir, cache_dir):

@@ -2,10 +2,11 @@ import pytest
 
 from quantpipe.errors import PipelineError
 from quantpipe.pipeline import latest_result, remediate, safer_settings, validate_params
+from quantpipe.store import Store
 
 
 def test_safer_settings_keep_sensitive_and_edge_layers_and_shrink_groups():
-    s = validate_params({"method": "gptq", "bits": 4, "group_size": 64, "calibration_samples": 16})
+    s = validate_params({"method": "gptq", "bits": 4, "group_size": 64, "calibration_samples": 16}, store=Store.local())
     prev = {"settings": s, "passed": False, "failed_checks": ["perplexity"],
             "sensitive_layers": [f"model.layers.{i}.mlp.down_proj" for i in range(20)]}
     new, changes = safer_settings(s, prev, attempt=2, n_layers=30)
@@ -18,19 +19,19 @@ def test_safer_settings_keep_sensitive_and_edge_layers_and_shrink_groups():
 
 
 def test_fp8_remediation_keeps_layers_only():
-    s = validate_params({"method": "fp8", "bits": 8})
+    s = validate_params({"method": "fp8", "bits": 8}, store=Store.local())
     new, changes = safer_settings(s, {"settings": s, "sensitive_layers": ["model.layers.3.mlp.up_proj"]}, 1, 30)
     assert "group_size" not in changes and "calibration_samples" not in changes
     assert "model.layers.3.mlp.up_proj" in new["quant"]["ignore"]
 
 
 def test_remediation_not_run_when_passed_or_disabled():
-    s = validate_params({"method": "fp8", "bits": 8})
-    assert remediate(s, {}, [{"passed": True}], 1, "r") is None
-    off = validate_params({"method": "fp8", "bits": 8, "remediation": False})
-    assert remediate(off, {}, [{"passed": False, "failed_checks": ["x"]}], 1, "r") is None
-    one = validate_params({"method": "fp8", "bits": 8, "remediation_attempts": 1})
-    assert remediate(one, {}, [{"passed": False, "failed_checks": ["x"]}, None], 2, "r") is None
+    s = validate_params({"method": "fp8", "bits": 8}, store=Store.local())
+    assert remediate(s, {}, [{"passed": True}], 1, "r", store=Store.local()) is None
+    off = validate_params({"method": "fp8", "bits": 8, "remediation": False}, store=Store.local())
+    assert remediate(off, {}, [{"passed": False, "failed_checks": ["x"]}], 1, "r", store=Store.local()) is None
+    one = validate_params({"method": "fp8", "bits": 8, "remediation_attempts": 1}, store=Store.local())
+    assert remediate(one, {}, [{"passed": False, "failed_checks": ["x"]}, None], 2, "r", store=Store.local()) is None
 
 
 def test_latest_result():

@@ -10,6 +10,7 @@ import pytest
 
 from quantpipe.errors import PipelineError
 from quantpipe.validation.review import gate_decision, needs_review, review_body, review_record, review_subject
+from quantpipe.store import Store
 
 REPORT = "file:///artifacts/runs/r1/validation-fp8-1/report.json"
 HTML = "file:///artifacts/runs/r1/validation-fp8-1/report.html"
@@ -173,10 +174,7 @@ def test_an_unneeded_review_does_not_open_an_inconclusive_gate():
 
 @pytest.fixture
 def store_root(tmp_path, monkeypatch):
-    from quantpipe import pipeline
-
     monkeypatch.setenv("QUANTPIPE_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
-    pipeline.configure_remote(None, None)
     return tmp_path / "artifacts"
 
 
@@ -193,15 +191,15 @@ def test_record_review_writes_review_json_once_and_a_new_answer_beside_it(store_
 
     r = {**_result("PASS", review_all=True), "settings": _settings(review_all=True)}
     rec = review_record(r, _answer("Approve"))
-    uri = record_review(r["settings"], r, rec, "manual__2026-05-01T12:00:00")
+    uri = record_review(r["settings"], r, rec, "manual__2026-05-01T12:00:00", store=Store.local())
     path = uri_to_path(uri)
     assert path == store_root / "runs" / "manual__2026-05-01T12_00_00" / "review" / "review.json"
     kept = json.loads(path.read_text())
     assert kept["approved"] is True and kept["responded_by"] == ADMIN and kept["run_name"] == "review-unit"
     # the same answer again (a gate retry): the same record, nothing new
-    assert record_review(r["settings"], r, rec, "manual__2026-05-01T12:00:00") == uri
+    assert record_review(r["settings"], r, rec, "manual__2026-05-01T12:00:00", store=Store.local()) == uri
     # a different answer after the review was cleared: kept beside the first, never over it
-    uri2 = record_review(r["settings"], r, review_record(r, _answer("Reject")), "manual__2026-05-01T12:00:00")
+    uri2 = record_review(r["settings"], r, review_record(r, _answer("Reject")), "manual__2026-05-01T12:00:00", store=Store.local())
     assert uri2.endswith("/review-2/review.json") and json.loads(path.read_text())["approved"] is True
 
 
@@ -212,11 +210,11 @@ def test_publish_approved_carries_the_review_and_refuses_without_an_approval(sto
     s = _settings(inconclusive="review")
     r = {**_result("INCONCLUSIVE", "review"), "settings": s}
     with pytest.raises(PipelineError, match="needs a person's review"):
-        publish_approved(s, r, "run-a")
+        publish_approved(s, r, "run-a", store=Store.local())
     with pytest.raises(PipelineError, match="review rejected it"):
-        publish_approved(s, r, "run-a", review=review_record(r, _answer("Reject")))
+        publish_approved(s, r, "run-a", review=review_record(r, _answer("Reject")), store=Store.local())
     assert not (store_root / "runs" / "run-a" / "approved").exists()
-    out = publish_approved(s, r, "run-a", review=review_record(r, _answer("Approve")))
+    out = publish_approved(s, r, "run-a", review=review_record(r, _answer("Approve")), store=Store.local())
     record = json.loads((uri_to_path(out["record_uri"]) / "approved.json").read_text())
     assert record["review"]["approved"] is True and record["review"]["responded_by"] == ADMIN
     assert record["verdict"] == "INCONCLUSIVE"
@@ -227,7 +225,7 @@ def test_publish_approved_of_a_plain_pass_has_no_review(store_root):
     from quantpipe.pipeline import publish_approved
 
     s = _settings()
-    out = publish_approved(s, {**_result("PASS"), "settings": s}, "run-b")
+    out = publish_approved(s, {**_result("PASS"), "settings": s}, "run-b", store=Store.local())
     assert json.loads((uri_to_path(out["record_uri"]) / "approved.json").read_text())["review"] is None
     with pytest.raises(PipelineError, match="verdict is FAIL"):
-        publish_approved(s, {**_result("FAIL"), "settings": s}, "run-c")
+        publish_approved(s, {**_result("FAIL"), "settings": s}, "run-c", store=Store.local())

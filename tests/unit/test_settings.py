@@ -5,6 +5,7 @@ from quantpipe.errors import PipelineError, QuantizationError
 from quantpipe.pipeline import validate_params
 from quantpipe.quantization.recipes import check_group_size
 from quantpipe.settings import PipelineParams, QuantSettings
+from quantpipe.store import Store
 
 
 @pytest.mark.parametrize("method,bits,scheme", [("gptq", 4, "W4A16_ASYM"), ("gptq", 8, "W8A16"),
@@ -16,27 +17,27 @@ def test_schemes(method, bits, scheme):
 
 def test_symmetric_gptq_and_form_fields():
     assert QuantSettings(method="gptq", bits=4, symmetric=True).scheme == "W4A16"
-    p = validate_params({"method": "gptq", "bits": 4, "symmetric": True, "observer": "minmax"})
+    p = validate_params({"method": "gptq", "bits": 4, "symmetric": True, "observer": "minmax"}, store=Store.local())
     assert (p["quant"]["symmetric"], p["quant"]["observer"]) == (True, "minmax")
     with pytest.raises(PipelineError, match="observer"):
-        validate_params({"method": "gptq", "bits": 4, "observer": "percentile"})
+        validate_params({"method": "gptq", "bits": 4, "observer": "percentile"}, store=Store.local())
 
 
 @pytest.mark.parametrize("method,bits", [("fp8", 4), ("awq", 8), ("w8a8", 4), ("gptq", 3)])
 def test_bad_combinations_are_refused_with_reason(method, bits):
     with pytest.raises(PipelineError, match=f"method '{method}' does not support {bits}-bit"):
-        validate_params({"method": method, "bits": bits})
+        validate_params({"method": method, "bits": bits}, store=Store.local())
 
 
 def test_unknown_method_refused():
     with pytest.raises(PipelineError, match="method"):
-        validate_params({"method": "int3"})
+        validate_params({"method": "int3"}, store=Store.local())
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden", "x" * 200, "a b"])
 def test_run_name_refuses_paths(name):
     with pytest.raises(PipelineError, match="run_name"):
-        validate_params({"run_name": name})
+        validate_params({"run_name": name}, store=Store.local())
 
 
 def test_from_flat_maps_every_form_field():
@@ -57,7 +58,7 @@ def test_from_flat_maps_every_form_field():
 
 def test_out_of_range_values_refused():
     with pytest.raises(PipelineError, match="num_samples"):
-        validate_params({"calibration_samples": 1})
+        validate_params({"calibration_samples": 1}, store=Store.local())
     with pytest.raises(ValidationError):
         QuantSettings(method="gptq", bits=4, group_size=100)
 

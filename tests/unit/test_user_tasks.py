@@ -15,6 +15,7 @@ from quantpipe.errors import PipelineError
 from quantpipe.settings import EvalSettings
 from quantpipe.validation import user_tasks
 from quantpipe.validation.suite import build_suite
+from quantpipe.store import Store
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "user_tasks"
 
@@ -77,16 +78,16 @@ def test_validate_params_refuses_before_any_heavy_work(folder, tmp_path, monkeyp
     monkeypatch.setenv("QUANTPIPE_CACHE", str(tmp_path / "cache"))
     (folder / "data" / "capitals.jsonl").unlink()
     with pytest.raises(PipelineError, match="capitals.jsonl is missing"):
-        pipeline.validate_params({"user_tasks_uri": str(folder)})
+        pipeline.validate_params({"user_tasks_uri": str(folder)}, store=Store.local())
     with pytest.raises(PipelineError, match="unknown task sets"):
-        pipeline.validate_params({"tasks": ["qp_piqa", "capitalz"]})
+        pipeline.validate_params({"tasks": ["qp_piqa", "capitalz"]}, store=Store.local())
     with pytest.raises(PipelineError, match="not a folder"):
-        pipeline.validate_params({"user_tasks_uri": str(tmp_path / "nowhere")})
+        pipeline.validate_params({"user_tasks_uri": str(tmp_path / "nowhere")}, store=Store.local())
 
 
 def test_validate_params_accepts_the_users_task_names(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTPIPE_CACHE", str(tmp_path / "cache"))
-    out = pipeline.validate_params({"user_tasks_uri": str(folder), "tasks": ["capitals", "qp_piqa"]})
+    out = pipeline.validate_params({"user_tasks_uri": str(folder), "tasks": ["capitals", "qp_piqa"]}, store=Store.local())
     assert out["evaluation"]["tasks"] == ["capitals", "qp_piqa"]
 
 
@@ -109,3 +110,23 @@ def test_report_states_what_a_cpu_worker_leaves_out(cache_dir):
     assert all("name it in tasks" in why for why in summary["not_measured"].values())
     off = pipeline.suite_summary(None, "cpu-float32")
     assert off["measured"] == [] and set(off["not_measured"]) == set(GPU_SUITE)
+
+
+ANSWERS = Path(__file__).resolve().parents[1] / "data" / "user_answers"
+
+
+def test_answers_file_joins_the_answer_prompts_and_is_checked(tmp_path, cache_dir):
+    staged = user_tasks.stage(str(ANSWERS), tmp_path / "cache")  # answers only: no task YAML needed
+    found = user_tasks.check(staged)
+    assert found["answers.jsonl"]["items"] == 24 and "answers:capitals" in found["answers.jsonl"]["metric"]
+    rows = user_tasks.read_answers(staged)
+    assert rows[0]["expected"] == "paris" and {r["kind"] for r in rows} == {"capitals"}
+    suite = build_suite(EvalSettings(task_limit=0), "cpu", cache_dir, staged)
+    assert suite is not None and suite.names == () and len(suite.answers) == 24  # asked with task sets off
+    for bad, words in (('{"prompt": "x"}', "must start with a word"), ("not json", "not JSON"),
+                       ('{"answer": "y"}', "non-empty 'prompt'"), ('{"prompt": "x", "answer": "y", "kind": "A B"}',
+                                                                   "lower-case name")):
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "answers.jsonl").write_text(bad + "\n")
+        with pytest.raises(user_tasks.UserTasksError, match=words):
+            user_tasks.check(user_tasks.stage(str(tmp_path / "bad"), tmp_path / "cache"))

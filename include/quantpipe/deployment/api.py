@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 
-from ..artifacts import ArtifactStore, uri_to_path
+from ..artifacts import ArtifactStore
+from ..store import Store
 from ..errors import PipelineError
-from ..settings import Environment, PipelineParams
+from ..settings import PipelineParams
 from . import switchover
 from .health import HealthError
 from .preflight import PreflightError, check_report, model_max_len, run_preflight
@@ -91,19 +92,21 @@ def explain_failure(err: Exception, scheme: str, target: TargetInfo, s: DeploySe
     return f"deploy failed: {what}{why}.{after} Try: {'; or '.join(tries)}. Details: {msg}"
 
 
-def deploy_approved(params: dict, approved: dict, validation: dict, run_id: str, *, api_key: str | None = None,
-                    settings: dict | None = None) -> dict:
-    """Deploy ``approved['approved_uri']``; returns a small XCom-able dict (no secrets)."""
+def deploy_approved(params: dict, approved: dict, validation: dict, run_id: str, *, artifacts: Store,
+                    api_key: str | None = None, settings: dict | None = None) -> dict:
+    """Deploy ``approved['approved_uri']``, read through ``artifacts`` (an S3 model is staged into this
+    node's cache and verified first); returns a small XCom-able dict (no secrets). Deployment records
+    stay on this serving node, under its local artifact root."""
     p = PipelineParams.model_validate(params)
     s = DeploySettings.load(settings)
-    store = ArtifactStore(Environment.from_env().artifact_root)
+    store = ArtifactStore(artifacts.artifact_root)
     if not approved or not approved.get("approved_uri"):
         raise PipelineError("no approved_uri from publish_approved; nothing to deploy")
-    model_dir = uri_to_path(approved["approved_uri"])
+    model_dir = artifacts.local_path(approved["approved_uri"])
     target = s.serving_target()
     s = s.resolved(target.name, model_max_len(model_dir))  # the target's defaults for limits left unset
     try:
-        report = check_report(validation, approved["approved_uri"])
+        report = check_report(validation, approved["approved_uri"], artifacts)
         pf = run_preflight(model_dir, s, target=target, reclaimable_bytes=_live_rss(store, p.run_name))
     except PreflightError as e:
         raise PreflightError(f"deploy refused by pre-flight: {e}") from e
@@ -119,15 +122,16 @@ def deploy_approved(params: dict, approved: dict, validation: dict, run_id: str,
     return {**_summary(uri, rec), "target": pf.target}
 
 
-def rollback(name: str, run_id: str, *, api_key: str | None = None, settings: dict | None = None) -> dict:
+def rollback(name: str, run_id: str, *, artifacts: Store, api_key: str | None = None,
+             settings: dict | None = None) -> dict:
     """Restore the previous deployment of ``name`` (the run name); returns the new record's summary."""
     s = DeploySettings.load(settings)
-    store = ArtifactStore(Environment.from_env().artifact_root)
+    store = ArtifactStore(artifacts.artifact_root)
     target = s.serving_target()
     need = None
     cur = switchover.current_record(store, name)
     if cur and cur[1].previous_record_uri:  # size the previous model for the switch-over decision
-        prev_dir = uri_to_path(switchover.load_record(cur[1].previous_record_uri)[0].model_uri)
+        prev_dir = artifacts.local_path(switchover.load_record(cur[1].previous_record_uri)[0].model_uri)
         if prev_dir.is_dir():
             s = s.resolved(target.name, model_max_len(prev_dir))
             try:
@@ -143,10 +147,10 @@ def rollback(name: str, run_id: str, *, api_key: str | None = None, settings: di
     return _summary(uri, rec)
 
 
-def status(name: str, settings: dict | None = None) -> dict:
+def status(name: str, settings: dict | None = None, *, artifacts: Store) -> dict:
     """The live record of ``name`` and whether its server is alive."""
     s = DeploySettings.load(settings)
-    store = ArtifactStore(Environment.from_env().artifact_root)
+    store = ArtifactStore(artifacts.artifact_root)
     cur = switchover.current_record(store, name)
     if cur is None:
         return {"name": name, "deployed": False}

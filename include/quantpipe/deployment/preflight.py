@@ -60,19 +60,34 @@ def _read_json(path: Path, what: str) -> dict:
         raise PreflightError(f"{what} {path} is not valid JSON ({e})") from e
 
 
-def check_report(validation: dict, approved_uri: str) -> dict:
-    """The validation passed, its report says so, and it validated this checkpoint."""
+def _same_artifact(a: str, b: str) -> bool:
+    if "://" in a.replace("file://", "") or "://" in b.replace("file://", ""):
+        return a.rstrip("/") == b.rstrip("/")  # remote URIs name the artifact exactly
+    return uri_to_path(a).resolve() == uri_to_path(b).resolve()
+
+
+def check_report(validation: dict, approved_uri: str, artifacts) -> dict:
+    """The validation passed, its report (read through ``artifacts``, a ``store.Store``) says so,
+    and it validated this checkpoint."""
     if not validation.get("passed"):
         raise PreflightError(f"validation did not pass (failed checks: {validation.get('failed_checks')}); "
                              "refusing to deploy")
     if not validation.get("report_uri"):
         raise PreflightError("validation result has no report_uri")
-    report = _read_json(uri_to_path(validation["report_uri"]), "validation report")
+    uri = validation["report_uri"]
+    try:
+        text = artifacts.read_text(uri)
+    except FileNotFoundError:
+        raise PreflightError(f"validation report {uri} does not exist") from None
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PreflightError(f"validation report {uri} is not valid JSON ({e})") from e
     if report.get("passed") is not True:
         raise PreflightError(f"validation report {validation['report_uri']} says passed="
                              f"{report.get('passed')!r}; refusing to deploy")
     validated = (report.get("quantization") or {}).get("quantized_uri")
-    if validated and uri_to_path(validated).resolve() != uri_to_path(approved_uri).resolve():
+    if validated and not _same_artifact(validated, approved_uri):
         raise PreflightError(f"the report validated {validated}, not the approved model {approved_uri}")
     gens = (report.get("generations") or {}).get("quantized") or []
     if not gens or not all("prompt" in g and "token_ids" in g for g in gens):

@@ -3,7 +3,10 @@
 Values come from, in order: explicit overrides (a dict the caller passes), then
 environment variables ``QUANTPIPE_DEPLOY_<FIELD>`` (upper case), then the defaults
 below. Which vLLM executable and environment runs is configuration
-(``QUANTPIPE_VLLM_CMD``), never code.
+(``QUANTPIPE_VLLM_CMD``), never code. Where state lives is configuration too:
+``state_dir`` is ``QUANTPIPE_DEPLOY_STATE_DIR``, else ``$QUANTPIPE_CACHE/serving`` (the worker's
+cache folder, as ``quantpipe.settings.Environment`` reads it), never a path inside the installed
+package (which an image puts in site-packages).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +27,8 @@ REPO = Path(__file__).resolve().parents[3]
 ENV_PREFIX = "QUANTPIPE_DEPLOY_"
 VLLM_CMD_ENV = "QUANTPIPE_VLLM_CMD"
 DEFAULT_VLLM_CMD = f"{REPO / '.venv-serving' / 'bin' / 'python'} {REPO / 'scripts' / 'vllm_cpu.py'}"
+CACHE_ENV = "QUANTPIPE_CACHE"  # the worker's cache folder (quantpipe.settings.Environment.from_env)
+STATE_SUBDIR = "serving"
 
 Target = Literal["auto", "cpu-avx2", "cpu-avx512", "cuda"]
 SwitchMode = Literal["auto", "beside", "drain-and-replace"]
@@ -35,6 +41,15 @@ TARGET_DEFAULTS: dict[str, dict] = {
     "cuda": {"max_model_len": 8192, "max_num_seqs": 256, "max_num_batched_tokens": 8192, "enforce_eager": False},
 }
 LIMIT_FIELDS = tuple(TARGET_DEFAULTS["cpu"])
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$QUANTPIPE_CACHE/serving``, read when settings are made (not at import). Without
+    QUANTPIPE_CACHE: the checkout's ``.cache/serving``, the same single-machine fallback as
+    ``Environment.from_env``'s cache folder."""
+    env = os.environ if environ is None else environ
+    cache = env.get(CACHE_ENV)
+    return (Path(cache) if cache else REPO / ".cache") / STATE_SUBDIR
 
 
 def target_kind(target: str) -> str:
@@ -76,7 +91,8 @@ class DeploySettings(BaseModel):
                                                    "(40-60 s startup), CUDA graphs on a GPU")
     dtype: str = Field("auto", title="dtype passed to vLLM")
     api_key_env: str = Field("QUANTPIPE_VLLM_API_KEY", title="Env var holding the API key (never logged)")
-    state_dir: Path = Field(REPO / ".cache" / "serving", title="Logs, proxy state and vLLM caches")
+    state_dir: Path = Field(default_factory=default_state_dir, title="Logs, proxy state and vLLM caches",
+                            description="Env QUANTPIPE_DEPLOY_STATE_DIR. Default: $QUANTPIPE_CACHE/serving")
     startup_timeout_s: float = Field(300, gt=0, title="Seconds to wait for /health after launch")
     stop_timeout_s: float = Field(30, gt=0, title="Seconds between SIGTERM and SIGKILL")
     switchover: SwitchMode = Field("auto", title="Switch-over mode",
@@ -173,6 +189,7 @@ class DeploySettings(BaseModel):
                     if name == "backend_ports" else raw
         if env.get(VLLM_CMD_ENV):
             values["vllm_cmd"] = env[VLLM_CMD_ENV]
+        values.setdefault("state_dir", default_state_dir(env))  # from the same environment as the rest
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         try:
             return cls(**values)

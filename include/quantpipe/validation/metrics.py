@@ -283,10 +283,14 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks: TaskSui
 
     t0 = time.perf_counter()
     want_tasks = tasks is not None and tasks.limit > 0 and bool(tasks.names)
-    asks = answer_prompts()
+    asks = answer_prompts() + list(tasks.answers if tasks else ())
+    consistency_prompts = load_prompts(s.num_prompts)
+    if s.chat_template and getattr(tok, "chat_template", None):  # as the model is prompted in production
+        consistency_prompts = [tok.apply_chat_template([{"role": "user", "content": x}], tokenize=False,
+                                                       add_generation_prompt=True) for x in consistency_prompts]
 
     def generations():
-        gens = greedy_generate(model, tok, load_prompts(s.num_prompts), s.max_new_tokens, placement)
+        gens = greedy_generate(model, tok, consistency_prompts, s.max_new_tokens, placement)
         # one batch per few-shot prefix: the engine computes a batch's shared prefix once
         groups: dict[str, list[int]] = {}
         for i, a in enumerate(asks):

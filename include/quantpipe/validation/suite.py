@@ -16,7 +16,7 @@ from pathlib import Path
 from ..assets.tasks import CODE_TASKS, builtin_tasks, worker_suite
 from ..settings import EvalSettings
 from .accuracy import CodeEval
-from .user_tasks import task_names
+from .user_tasks import read_answers, task_names
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,13 @@ class TaskSuite:
     code: CodeEval | None = field(default=None, compare=False)
     # sets of the worker's default suite this host cannot measure, with the reason (never a pass)
     unavailable: dict[str, str] = field(default_factory=dict, compare=False)
+    # the user's prompts with expected answers (answers.jsonl): they join the answer-flip prompts
+    answers: tuple[dict, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> dict:
         return {"folders": [f.name for f in self.folders], "names": list(self.names), "limit": self.limit,
-                "chat_template": self.chat_template,
+                "chat_template": self.chat_template, "answers": len(self.answers),
                 "sandbox": self.code.limits.model_dump(mode="json", exclude={"hidden_paths"}) if self.code else None}
 
 
@@ -42,8 +44,9 @@ def build_suite(s: EvalSettings, device: str, cache_dir: Path, user_dir: Path | 
                 hidden_paths: tuple[Path, ...] = ()) -> TaskSuite | None:
     """The suite for settings ``s`` on a worker of kind ``device`` (None: task accuracy off).
     ``user_dir``: the user's staged task folder; ``hidden_paths``: what the sandbox hides."""
-    if s.task_limit == 0:
-        return None
+    answers = tuple(read_answers(user_dir)) if user_dir else ()
+    if s.task_limit == 0:  # no task sets; the user's answers are still asked
+        return TaskSuite(folders=(user_dir,), names=(), limit=0, answers=answers) if answers else None
     user = tuple(task_names(user_dir)) if user_dir else ()
     explicit = bool(s.tasks)
     names = tuple(dict.fromkeys(s.tasks if explicit else (*worker_suite(device), *user)))
@@ -64,4 +67,4 @@ def build_suite(s: EvalSettings, device: str, cache_dir: Path, user_dir: Path | 
             log.warning("HumanEval left out: %s", next(iter(unavailable.values())))
     folders = (builtin_tasks(cache_dir), *((user_dir,) if user_dir else ()))
     return TaskSuite(folders=folders, names=names, limit=s.task_limit, chat_template=s.chat_template, code=code,
-                     unavailable=unavailable)
+                     unavailable=unavailable, answers=answers)

@@ -13,6 +13,7 @@ items, so a broken folder is refused in ``validate_params``, before any heavy wo
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -29,6 +30,8 @@ PER_ITEM_METRICS = ("acc", "acc_norm", "exact_match")  # 0/1 per item: paired dr
 LOCAL_FORMATS = ("json", "csv", "text")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 MAX_FILES = 500
+ANSWERS_FILE = "answers.jsonl"  # your prompts with their expected answers (first word or number)
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 class UserTasksError(PipelineError):
@@ -121,8 +124,8 @@ def stage(uri: str, cache_dir: Path, fetch: Callable[[str, Path], None] | None =
         src = uri_to_path(uri)
     if not src.is_dir():
         raise UserTasksError(f"user_tasks_uri {uri}: {src} is not a folder")
-    if not _yamls(src):
-        raise UserTasksError(f"user_tasks_uri {uri}: no task YAML (*.yaml) in {src}")
+    if not _yamls(src) and not (src / ANSWERS_FILE).is_file():
+        raise UserTasksError(f"user_tasks_uri {uri}: no task YAML (*.yaml) and no {ANSWERS_FILE} in {src}")
     name = _content_hash(src)
     store = ArtifactStore(cache_dir / "user-tasks")
     found = store.find(name)
@@ -174,9 +177,48 @@ def check(folder: Path) -> dict[str, dict]:
                 raise UserTasksError(f"{y.name}: data file {fp.name} is missing (looked for {fp})")
             if fp.stat().st_size == 0:
                 raise UserTasksError(f"{y.name}: data file {fp.name} is empty")
-    if not seen:
-        raise UserTasksError(f"{folder}: no task YAML defines a task")
-    return {name: _load(folder, name, seen[name]) for name in seen}
+    answers = read_answers(folder)
+    if not seen and not answers:
+        raise UserTasksError(f"{folder}: no task YAML defines a task and there is no {ANSWERS_FILE}")
+    out = {name: _load(folder, name, seen[name]) for name in seen}
+    if answers:
+        kinds = sorted({a["kind"] for a in answers})
+        out[ANSWERS_FILE] = {"yaml": ANSWERS_FILE, "output_type": "answers", "items": len(answers),
+                             "metric": "known answers kept (" + ", ".join(f"answers:{k}" for k in kinds) + ")",
+                             "example_target": answers[0]["expected"]}
+    return out
+
+
+def read_answers(folder: Path) -> list[dict]:
+    """``answers.jsonl``: one ``{"prompt", "answer", "kind"?}`` per line. Each prompt is answered
+    greedily by baseline and candidate; an answer the baseline knows (its first word or number
+    is ``answer``, confidently) and the candidate changes counts against ``answers:<kind>``
+    (kind ``yours`` unless given)."""
+    from .answers import first_answer
+
+    path = folder / ANSWERS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserTasksError(f"{ANSWERS_FILE} line {i}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise UserTasksError(f"{ANSWERS_FILE} line {i}: needs a non-empty 'prompt'")
+        expected = first_answer(str(row.get("answer", "")))
+        if not expected:
+            raise UserTasksError(f"{ANSWERS_FILE} line {i}: 'answer' must start with a word or number")
+        kind = row.get("kind", "yours")
+        if not isinstance(kind, str) or not _KIND.match(kind):
+            raise UserTasksError(f"{ANSWERS_FILE} line {i}: kind {kind!r} must be a lower-case name")
+        rows.append({"prompt": row["prompt"], "expected": expected, "kind": kind})
+    if not rows:
+        raise UserTasksError(f"{ANSWERS_FILE} is empty")
+    return rows
 
 
 def _load(folder: Path, name: str, yaml_name: str) -> dict:
