@@ -61,6 +61,21 @@ def _store():
     return task_store()
 
 
+def _hf_token(model_uri: str) -> str | None:
+    """For an hf:// model on a worker that reaches the hub: the password of the Airflow connection
+    named by QUANTPIPE_HF_CONN (default ``quantpipe_hf``), when it exists. Never in XCom or logs."""
+    if not model_uri.startswith("hf://"):
+        return None
+    import os
+
+    from airflow.sdk import Connection
+
+    try:
+        return Connection.get(os.environ.get("QUANTPIPE_HF_CONN", "quantpipe_hf")).password or None
+    except Exception:  # noqa: BLE001 - no such connection: public repos and offline caches need none
+        return None
+
+
 class ReleaseReview(ApprovalOperator):
     """Airflow's approval task (state awaiting_input until answered) with the run's own timeout
     (param ``review_timeout_minutes``); nobody answering is a Reject (``defaults``). A Reject
@@ -121,7 +136,7 @@ def llm_quantization():
     def prep_checkpoint(settings: dict) -> dict:
         from quantpipe.pipeline import prep_checkpoint as run
 
-        return run(settings, store=_store())
+        return run(settings, store=_store(), hf_token=_hf_token(settings["model_uri"]))
 
     @task(task_display_name="2. Calibration data")
     def build_calibration(settings: dict, prep: dict) -> dict:

@@ -57,15 +57,15 @@ def _plan(entries: list[dict], force: bool) -> list[dict]:
     """Decide per entry, log each decision, and return the triggers to run."""
     import logging
 
-    from quantpipe.prep.checkpoint import resolve_model_uri
+    from quantpipe.prep.sources import resolve_model_uri
     from quantpipe.scheduling import RequantState, plan
-    from quantpipe.settings import Environment
+    from quantpipe_storage import task_store  # plugins/ is on sys.path for every worker
 
     log = logging.getLogger("quantpipe.requantize")
-    env = Environment.from_env()
-    state = RequantState.load(env.artifact_root)
+    store = task_store()  # s3:// models are read through the artifact store's connection
+    state = RequantState.load(store.artifact_root)
     ctx = get_current_context()
-    decisions = plan(entries, state, lambda uri: resolve_model_uri(uri, env.cache_dir), force=force)
+    decisions = plan(entries, state, lambda uri: resolve_model_uri(uri, store.cache_dir, store), force=force)
     todo = []
     for d in decisions:
         log.info("%-48s %s: %s", d.key, "RUN " if d.run else "skip", d.reason)

@@ -21,7 +21,8 @@ from .assets.tasks import ALL_TASKS
 from .calibration.dataset import build_calibration_set, load_samples
 from .errors import PipelineError
 from .prep.baseline import BASELINE_FILE, compute_baseline, load_reference
-from .prep.checkpoint import resolve_model_uri, verify_checkpoint
+from .prep.checkpoint import verify_checkpoint
+from .prep.sources import resolve_model_uri
 from .quantization.recipes import check_group_size
 from .quantization.run import PROVENANCE, quantize
 from .settings import PipelineParams
@@ -89,9 +90,11 @@ def _suite(s, store: Store, device: str) -> TaskSuite | None:
     return build_suite(s, device, store.cache_dir, mine, hidden)
 
 
-def prep_checkpoint(params: dict, *, store: Store) -> dict:
+def prep_checkpoint(params: dict, *, store: Store, hf_token: str | None = None) -> dict:
+    """Resolve and verify the checkpoint, measure (or reuse) its baseline. ``hf_token``: for an
+    ``hf://`` model on a worker that reaches the hub (from an Airflow connection, never XCom)."""
     p, work = _ctx(params, store)
-    folder = resolve_model_uri(p.model_uri, store.cache_dir)
+    folder = resolve_model_uri(p.model_uri, store.cache_dir, store, hf_token)
     info = verify_checkpoint(folder)
     check_group_size(p.quant, info.hidden_size, info.intermediate_size)
     heldout, heldout_hash = heldout_for(store.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)

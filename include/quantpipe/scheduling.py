@@ -226,7 +226,7 @@ class Decision:
 
 def plan(entries: list[dict], state: RequantState, resolve_checkpoint, force: bool = False) -> list[Decision]:
     """One decision per entry. ``resolve_checkpoint(model_uri) -> Path`` locates the folder
-    (the DAG passes ``quantpipe.prep.checkpoint.resolve_model_uri``)."""
+    (the DAG passes ``quantpipe.prep.sources.resolve_model_uri``)."""
     out = []
     for e in entries:
         key = entry_key(e)

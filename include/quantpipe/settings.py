@@ -23,6 +23,23 @@ DEFAULT_MODEL_URI = "builtin://smollm2-135m-instruct"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+MODEL_SCHEMES = ("builtin://", "file://", "s3://", "hf://")
+HF_ID = re.compile(r"^hf://([A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,95})(?:@([\w./-]{1,255}))?$")
+
+
+def check_model_uri(uri: str) -> str:
+    """The URI if its form is one the product reads (checked at the form, before any run exists)."""
+    if "://" not in uri:
+        return uri
+    if not uri.startswith(MODEL_SCHEMES):
+        raise ValueError(f"model_uri {uri!r}: scheme must be one of {', '.join(MODEL_SCHEMES)} or a plain path")
+    if uri.startswith("hf://") and not HF_ID.match(uri):
+        raise ValueError(f"model_uri {uri!r}: a hub id is hf://org/name or hf://org/name@revision")
+    if uri.startswith("s3://") and len([x for x in uri[5:].split("/") if x]) < 2:
+        raise ValueError(f"model_uri {uri!r}: name the checkpoint's folder, s3://bucket/prefix/")
+    return uri
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -241,8 +258,10 @@ class PipelineParams(_Frozen):
     """Everything a run is triggered with: the DAG's params map onto this one model."""
 
     model_uri: str = Field(DEFAULT_MODEL_URI, title="Model",
-                           description="builtin://smollm2-135m-instruct, or a path / file:// URI of a "
-                                       "Hugging Face checkpoint folder (safetensors)")
+                           description="builtin://smollm2-135m-instruct; a path or file:// URI of a Hugging "
+                                       "Face checkpoint folder (safetensors); s3://bucket/prefix/ in the "
+                                       "artifact store's S3; or hf://org/name[@revision] (the worker's hub "
+                                       "cache when offline)")
     run_name: str = Field("smollm2", title="Run name", description="Letters, digits, . _ - (no paths)")
     quant: QuantSettings = QuantSettings()
     calibration: CalibrationSettings = CalibrationSettings()
@@ -261,9 +280,7 @@ class PipelineParams(_Frozen):
     @field_validator("model_uri")
     @classmethod
     def _uri_scheme(cls, v: str) -> str:
-        if "://" in v and not v.startswith(("builtin://", "file://", "s3://")):
-            raise ValueError(f"model_uri {v!r}: scheme must be builtin://, file:// or a plain path")
-        return v
+        return check_model_uri(v)
 
     @classmethod
     def from_flat(cls, flat: dict) -> "PipelineParams":

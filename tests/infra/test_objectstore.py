@@ -267,3 +267,37 @@ def test_user_task_folder_from_s3_is_staged_and_checked(s3_srv, tmp_path, monkey
         pipeline.validate_params({"user_tasks_uri": uri + "-missing"}, store=store)
     with pytest.raises(PipelineError, match="this worker's artifact store is local"):  # no remote store here
         pipeline.validate_params({"user_tasks_uri": uri}, store=Store.local())
+
+
+def test_model_uri_in_s3_is_staged_verified_and_reused(s3_srv, tmp_path, model_dir):
+    """model_uri s3://bucket/prefix/: a team's own upload (no manifest) is copied into the cache,
+    checkpoint files only (never pickles), verified like any checkpoint and reused while unchanged;
+    a folder this product published (with its manifest) is staged and verified by the manifest."""
+    import shutil
+
+    from quantpipe.errors import CheckpointError
+    from quantpipe.prep.checkpoint import verify_checkpoint
+    from quantpipe.prep.sources import resolve_model_uri
+    from quantpipe.store import Store
+
+    fs = s3_srv.fs()
+    mine = tmp_path / "upload"
+    shutil.copytree(model_dir, mine, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    (mine / "pytorch_model.bin").write_bytes(b"a pickle that must never be read")
+    uri = f"s3://{s3_srv.bucket}/tests/{uuid.uuid4().hex[:10]}/models/smollm2/"
+    fs.put(str(mine) + "/", uri, recursive=True)
+    store = Store.remote(fs, f"s3://{s3_srv.bucket}/tests", env=None)
+    cache = tmp_path / "cache"
+    folder = resolve_model_uri(uri, cache, store)
+    assert not (folder / "pytorch_model.bin").exists()
+    assert verify_checkpoint(folder).checkpoint_hash == verify_checkpoint(model_dir).checkpoint_hash
+    assert resolve_model_uri(uri, cache, store) == folder  # unchanged listing: reused
+    fs.pipe_file(uri + "generation_config.json", b'{"do_sample": false}')
+    assert resolve_model_uri(uri, cache, store) != folder  # changed: staged again
+    published = store.upload(model_dir, f"published/{uuid.uuid4().hex[:8]}")  # with its manifest
+    assert verify_checkpoint(resolve_model_uri(published, cache, store)).checkpoint_hash == \
+        verify_checkpoint(model_dir).checkpoint_hash
+    empty = f"s3://{s3_srv.bucket}/tests/{uuid.uuid4().hex[:10]}/nothing/"
+    fs.pipe_file(empty + "README.md", b"no weights here")
+    with pytest.raises(CheckpointError, match="no \\*.safetensors file"):
+        resolve_model_uri(empty, cache, store)

@@ -4,7 +4,8 @@ import shutil
 import pytest
 
 from quantpipe.errors import CheckpointError
-from quantpipe.prep.checkpoint import resolve_model_uri, verify_checkpoint
+from quantpipe.prep.checkpoint import verify_checkpoint
+from quantpipe.prep.sources import resolve_model_uri
 
 
 @pytest.fixture()
@@ -85,3 +86,58 @@ def test_resolve_uri(model_dir, cache_dir, tmp_path):
         resolve_model_uri(str(tmp_path / "nope"), cache_dir)
     with pytest.raises(CheckpointError, match="unknown built-in model"):
         resolve_model_uri("builtin://gpt-5", cache_dir)
+
+
+def _hub_cache(root, model_dir, repo="acme/smollm2-135m", commit="0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face hub cache holding the small model, laid out as huggingface_hub writes it
+    (blobs by hash, snapshots of links, refs/main): what a worker mounts when it has no hub."""
+    import hashlib
+    import shutil
+
+    top = root / f"models--{repo.replace('/', '--')}"
+    snap = top / "snapshots" / commit
+    (top / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "MANIFEST.json":
+            blob = top / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copy(f, blob)
+            (snap / f.name).symlink_to(blob)
+    (top / "refs").mkdir()
+    (top / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_hub_id_resolves_from_the_workers_hub_cache_offline(model_dir, cache_dir, tmp_path, monkeypatch):
+    """hf://org/name[@revision] through huggingface_hub's own resolution (no mock), offline."""
+    hub = tmp_path / "hub"
+    commit = _hub_cache(hub, model_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))  # read at import; the worker sets it before starting
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    for uri in ("hf://acme/smollm2-135m", f"hf://acme/smollm2-135m@{commit}"):
+        folder = resolve_model_uri(uri, cache_dir)
+        assert folder.name == commit
+        info = verify_checkpoint(folder)
+        assert info.checkpoint_hash == verify_checkpoint(model_dir).checkpoint_hash  # the same weights
+    with pytest.raises(CheckpointError, match="not in this worker's hub cache"):
+        resolve_model_uri("hf://acme/missing", cache_dir)
+
+
+@pytest.mark.parametrize("uri, words", [("gs://b/m", "scheme must be one of"), ("hf://justname", "hf://org/name"),
+                                        ("s3://bucket-only", "s3://bucket/prefix/"), ("http://x/y", "scheme")])
+def test_unsupported_model_uris_are_refused_at_the_form(uri, words):
+    from quantpipe.form import conf_problem
+
+    problem = conf_problem({"model_uri": uri})
+    assert problem and words in problem, problem
+
+
+def test_s3_model_needs_the_remote_store(cache_dir):
+    from quantpipe.store import Store
+
+    with pytest.raises(CheckpointError, match="no S3 artifact store configured"):
+        resolve_model_uri("s3://bucket/models/x/", cache_dir, Store.local())

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from ..artifacts import MANIFEST, uri_to_path
-from ..assets.model import builtin_checkpoint
+from ..artifacts import MANIFEST
 from ..errors import CheckpointError
 from ..hashing import sha256_file, sha256_json
 
@@ -39,15 +38,6 @@ class CheckpointInfo(BaseModel):
     num_layers: int
     vocab_size: int
     files: dict[str, str]  # name -> sha256
-
-
-def resolve_model_uri(uri: str, cache_dir: Path) -> Path:
-    if uri.startswith("builtin://"):
-        return builtin_checkpoint(uri.removeprefix("builtin://"), cache_dir)
-    path = uri_to_path(uri)
-    if not path.is_dir():
-        raise CheckpointError(f"model_uri {uri!r}: {path} is not a folder")
-    return path
 
 
 def read_safetensors_header(path: Path) -> dict:
