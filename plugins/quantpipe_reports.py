@@ -21,8 +21,9 @@ and ``remediate_*``) and "Deployed endpoint" (task ``deploy``, from its return v
 ``XCom.get_value`` has no supervisor to talk to, so they read the XCom table directly
 (``XComModel``), as Airflow's own ``XComOperatorLink`` does.
 
-Only the local artifact store is served (``QUANTPIPE_REMOTE_ROOT`` unset); with a remote
-store the pages say so (404 with the reason).
+With a remote artifact store (``QUANTPIPE_REMOTE_ROOT``), the published report folders are
+mirrored into the api-server's cache on request (complete folders only, checked against their
+manifests) and served the same way; a store that cannot be read answers 503 with the reason.
 """
 
 from __future__ import annotations
@@ -154,14 +155,20 @@ def create_app():
     app = FastAPI(title="quantpipe reports", docs_url=None, redoc_url=None, openapi_url=None)
     can_read_runs = Depends(requires_access_dag("GET", DagAccessEntity.RUN))
 
-    def _root() -> Path:
-        import os
+    def _root(run_id: str | None = None) -> Path:
+        """The local store, or (QUANTPIPE_REMOTE_ROOT set) a mirror of the S3 store's reports in the
+        api-server's cache, read through the same artifact store the tasks use."""
+        from quantpipe_storage import task_store
 
-        if os.environ.get("QUANTPIPE_REMOTE_ROOT"):
-            raise HTTPException(404, "reports are served from the local artifact store only; this "
-                                     "deployment uses QUANTPIPE_REMOTE_ROOT (open the report URI from the "
-                                     "validate task's XCom instead)")
-        return store.artifact_root()
+        artifacts = task_store()
+        if not artifacts.is_remote:
+            return artifacts.artifact_root
+        try:
+            return store.mirror_reports(artifacts, artifacts.cache_dir / "reports-mirror", run_id)
+        except store.ReportNotFound:
+            raise
+        except Exception as e:  # noqa: BLE001 - the S3 store is down or refuses: say so, never a 500
+            raise HTTPException(503, f"the artifact store could not be read: {type(e).__name__}: {e}") from None
 
     def _run_exists(dag_id: str, run_id: str) -> bool:
         from sqlalchemy import select
@@ -188,8 +195,8 @@ def create_app():
     async def _lookup(dag_id: str, run_id: str, name: str | None) -> tuple[store.ReportRef, list]:
         if not await run_in_threadpool(_run_exists, dag_id, run_id):
             raise HTTPException(404, f"DAG {dag_id!r} has no run {run_id!r}")
-        root = _root()
         try:
+            root = await run_in_threadpool(_root, run_id)
             refs = await run_in_threadpool(store.reports_for_run, root, run_id)
             ref = await run_in_threadpool(store.find_report, root, run_id, name)
         except store.ReportNotFound as e:
@@ -209,11 +216,11 @@ def create_app():
 
     @app.get("/reports/index.json", dependencies=[can_read_runs])
     async def index_json(user=Depends(get_user)) -> JSONResponse:
-        return JSONResponse({"reports": await run_in_threadpool(store.index, _root())})
+        return JSONResponse({"reports": await run_in_threadpool(lambda: store.index(_root()))})
 
     @app.get("/reports/", response_class=HTMLResponse, dependencies=[can_read_runs])
     async def index_html(user=Depends(get_user)) -> HTMLResponse:
-        rows = await run_in_threadpool(store.index, _root())
+        rows = await run_in_threadpool(lambda: store.index(_root()))
         dag_of = await run_in_threadpool(_dags_of, [r.get("run_id") for r in rows if r.get("run_id")])
         trs = []
         for r in rows:

@@ -12,6 +12,7 @@ with ``<label>`` ``validation`` or ``remediation<N>``-style names. Every lookup 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -160,3 +161,48 @@ def index(root: Path, limit: int = 200) -> list[dict]:
                 refs.extend(_refs(root, runs / entry.name))
     refs.sort(key=lambda r: (r.timestamp, r.name), reverse=True)
     return [r.summary() for r in refs[:limit]]
+
+
+def mirror_reports(artifacts, local_root: Path, run_id: str | None = None, limit: int = 200) -> Path:
+    """With a remote artifact store (``quantpipe.store.Store`` on S3), copy the published report
+    folders (one run's, or the newest ``limit`` of all runs) into ``local_root/runs/...`` and return
+    ``local_root``, so every lookup above serves them unchanged (same names, same path checks).
+    Only complete folders are copied (their manifest lists report.json and report.html, and the
+    copy must match its sizes); a folder already mirrored is not fetched again."""
+    fs, base = artifacts.fs, artifacts.base
+    runs_uri = f"{base}/runs"
+
+    def names(uri: str) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(uri, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    if run_id is not None:
+        rids = [run_folder(local_root, run_id).name]
+    else:
+        rids = [r for r in names(runs_uri) if _RUN_DIR.match(r) and not r.startswith(".")]
+    wanted = []
+    for rid in rids:
+        wanted += [(rid, n) for n in names(f"{runs_uri}/{rid}") if _REPORT_NAME.match(n)]
+    wanted.sort(key=lambda x: (x[1].rsplit("-", 1)[-1], x[1]), reverse=True)
+    for rid, name in wanted[:limit]:
+        dest = _runs_root(local_root) / rid / name
+        if (dest / REPORT_HTML).is_file():
+            continue
+        src = f"{runs_uri}/{rid}/{name}"
+        try:
+            manifest = json.loads(fs.cat_file(f"{src}/MANIFEST.json"))
+        except FileNotFoundError:
+            continue  # not complete (still uploading, or a writer that died): not served
+        files = {f["path"]: f.get("sha256") for f in manifest.get("files", []) if isinstance(f, dict)}
+        if not {REPORT_HTML, REPORT_JSON} <= set(files):
+            continue
+        tmp = dest.parent / f".{name}.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for fname in (REPORT_HTML, REPORT_JSON):
+            fs.get_file(f"{src}/{fname}", str(tmp / fname))
+            if hashlib.sha256((tmp / fname).read_bytes()).hexdigest() != files[fname]:
+                raise ReportNotFound(f"report {rid}/{name}: {fname} does not match its manifest")
+        os.replace(tmp, dest)
+    return local_root

@@ -301,3 +301,36 @@ def test_model_uri_in_s3_is_staged_verified_and_reused(s3_srv, tmp_path, model_d
     fs.pipe_file(empty + "README.md", b"no weights here")
     with pytest.raises(CheckpointError, match="no \\*.safetensors file"):
         resolve_model_uri(empty, cache, store)
+
+
+def test_reports_of_an_s3_store_are_mirrored_for_the_ui(s3_srv, tmp_path, monkeypatch):
+    """The reports plugin with QUANTPIPE_REMOTE_ROOT: published report folders are copied into the
+    api-server's cache (complete ones only, checked against their manifests) and found as local ones."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "plugins"))
+    import quantpipe_reports_store as reports
+
+    from quantpipe.artifacts import ArtifactStore
+    from quantpipe.store import Store
+
+    fs = s3_srv.fs()
+    base = f"s3://{s3_srv.bucket}/tests/{uuid.uuid4().hex[:10]}"
+    store = Store.remote(fs, base)
+    work = ArtifactStore(tmp_path / "work")
+    for name, verdict in (("validation-fp8-20261201T101010", "FAIL"), ("remediation1-fp8-20261201T102020", "PASS")):
+        with work.writing("runs", "manual__r1", name) as out:
+            (out / "report.json").write_text(json.dumps({"verdict": verdict, "passed": verdict == "PASS"}))
+            (out / "report.html").write_text(f"<html>{verdict}</html>")
+        store.upload(work.path("runs", "manual__r1", name), f"runs/manual__r1/{name}")
+    fs.pipe_file(f"{base}/runs/manual__r1/validation-fp8-20261201T103030/report.html", b"half-written")  # no manifest
+    mirror = tmp_path / "mirror"
+    reports.mirror_reports(store, mirror, "manual__r1")
+    refs = reports.reports_for_run(mirror, "manual__r1")
+    assert [r.name for r in refs] == ["remediation1-fp8-20261201T102020", "validation-fp8-20261201T101010"]
+    assert reports.find_report(mirror, "manual__r1").html.read_text() == "<html>PASS</html>"
+    assert [x["verdict"] for x in reports.index(reports.mirror_reports(store, tmp_path / "all"))] == ["PASS", "FAIL"]
+    with pytest.raises(reports.ReportNotFound):
+        reports.mirror_reports(store, mirror, "../../etc")
+    # a report changed in the store after publishing no longer matches its manifest: refused
+    fs.pipe_file(f"{base}/runs/manual__r1/validation-fp8-20261201T101010/report.html", b"<html>tampered</html>")
+    with pytest.raises(reports.ReportNotFound, match="does not match its manifest"):
+        reports.mirror_reports(store, tmp_path / "fresh", "manual__r1")
