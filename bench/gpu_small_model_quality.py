@@ -160,7 +160,9 @@ def main() -> None:
     from quantpipe.assets.corpus import read_texts
     from quantpipe.settings import EvalSettings
     from quantpipe.validation.engine import resolve_placement
+    from quantpipe.assets.tasks import CPU_SUITE
     from quantpipe.validation.metrics import consistency, load_model, measure_loaded, top1_agreement
+    from quantpipe.validation.suite import TaskSuite
 
     p = argparse.ArgumentParser()
     p.add_argument("--prepare", action="store_true", help="write the parts and assets here (CPU)")
@@ -182,8 +184,8 @@ def main() -> None:
     calib = json.loads(Path(a.calib).read_text())
     assets = Path(a.assets)
     texts = read_texts(assets / "heldout.jsonl")
-    tasks = task_folder(assets / "tasks", work / "tasks")
-    s = EvalSettings(ppl_max_tokens=a.ppl_tokens, task_limit=a.task_limit)
+    s = EvalSettings(ppl_max_tokens=a.ppl_tokens, task_limit=a.task_limit, tasks=CPU_SUITE)
+    tasks = TaskSuite(folders=(task_folder(assets / "tasks", work / "tasks"),), names=s.tasks, limit=s.task_limit)
     placement = resolve_placement()
 
     def evaluate(path: Path, reference: dict | None) -> dict:

@@ -164,17 +164,17 @@ def dev_is_cuda(model) -> bool:
 
 def task_folder(src: Path, dest: Path) -> Path:
     """The shipped task YAMLs name their data files by absolute path: point them here."""
+    import yaml
+
     dest.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.suffix == ".jsonl":
             shutil.copy(f, dest / f.name)
     for f in src.glob("*.yaml"):
-        text = f.read_text()
-        for line in text.splitlines():
-            if line.strip().startswith("test:"):
-                old = line.split("test:", 1)[1].strip()
-                text = text.replace(old, str(dest / Path(old).name))
-        (dest / f.name).write_text(text)
+        cfg = yaml.safe_load(f.read_text())
+        files = cfg["dataset_kwargs"]["data_files"]
+        cfg["dataset_kwargs"]["data_files"] = {k: str(dest / Path(v).name) for k, v in files.items()}
+        (dest / f.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dest
 
 
@@ -253,18 +253,21 @@ def stage(model, placement, a, res: dict) -> None:
     from quantpipe.assets.corpus import read_texts
     from quantpipe.settings import EvalSettings
     from quantpipe.validation.metrics import measure_loaded
+    from quantpipe.validation.suite import TaskSuite
 
     assets = Path(a.assets)
     tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
     texts = read_texts(assets / "heldout.jsonl")
-    tasks = task_folder(assets / "tasks", Path(tempfile.mkdtemp(prefix="qp-tasks-")))
+    folder = task_folder(assets / "tasks", Path(tempfile.mkdtemp(prefix="qp-tasks-")))
     s = EvalSettings(ppl_max_tokens=a.stage_ppl_tokens, ppl_window=a.window, num_prompts=a.stage_prompts,
                      max_new_tokens=a.new_tokens, task_limit=a.task_limit, tasks=tuple(a.tasks.split(",")))
+    tasks = TaskSuite(folders=(folder,), names=s.tasks, limit=s.task_limit)
     counter = Counter()
     counter.install()
     counter.timing = not placement.overlap
     small = s.model_copy(update={"ppl_max_tokens": 256, "task_limit": 2, "num_prompts": 2, "max_new_tokens": 4})
-    measure_loaded(model, tok, texts, small, tasks, None, placement)  # warm-up (lm-eval imports, graphs)
+    measure_loaded(model, tok, texts, small, TaskSuite(folders=(folder,), names=s.tasks, limit=2), None,
+                   placement)  # warm-up (lm-eval imports, graphs)
     counter.reset()
     base, tb = timed(lambda: measure_loaded(model, tok, texts, s, tasks, None, placement))
     useful_base = dict(counter.tokens)
