@@ -186,6 +186,10 @@ def test_token_class_table_on_the_real_tokenizer(model_dir):
     assert any(not p.strip() for p in pieces["whitespace"])
     assert table["special"][tok.eos_token_id] and not table["rare"][tok.eos_token_id]
     assert table["rare"][ids[0]]  # seen once in the reference: rare
+    assert "The" in {p.strip() for p in pieces["capitalized"]}
+    assert not any(p.strip() in ("year", "return", "x", "1969") for p in pieces["capitalized"])
+    caps = tok(" Paris London", add_special_tokens=False)["input_ids"]
+    assert all(table["capitalized"][i] for i in caps) and not table["capitalized"][tok.eos_token_id]
 
 
 def test_only_answers_the_baseline_knows_confidently_count():
@@ -245,3 +249,18 @@ def test_yes_no_questions_are_balanced_and_a_swapped_answer_pair_loses_them_all(
     swapped = [{**a, "text": " no" if a["expected"] == "yes" else " yes"} for a in asks]
     k = answer_flips(base, swapped)["kinds"]["yesno"]
     assert k["known"] == len(asks) and k["lost"] == len(asks)
+
+
+def test_answer_prompts_share_few_shot_batches():
+    """Answer prompts are decoded one batch per few-shot block (the engine computes a batch's shared
+    prefix once): the yes/no questions, whose own line is followed by "A:", share theirs too."""
+    from quantpipe.validation.answers import answer_prompts
+    from quantpipe.validation.metrics import few_shot_prefix
+
+    asks = answer_prompts()
+    groups = {few_shot_prefix(a["prompt"]) for a in asks}
+    assert len(groups) <= 6, len(groups)
+    yesno = [a["prompt"] for a in asks if a["kind"] == "yesno"]
+    assert len({few_shot_prefix(p) for p in yesno}) == 1 and few_shot_prefix(yesno[0]).startswith("Q: Is the sun hot?")
+    assert few_shot_prefix("The capital of France is") == ""
+    assert few_shot_prefix("2 + 2 = 4\n3 + 5 = 8\n7 + 1 =") == "2 + 2 = 4\n3 + 5 = 8"

@@ -251,6 +251,15 @@ def _answer_head(tokenizer, ids: list[int]) -> list[int]:
 Heldout = "dict[str, list[dict]] | list[str]"
 
 
+def few_shot_prefix(prompt: str) -> str:
+    """The examples before a prompt's own question: everything before its last line, or before
+    its last two when it ends in an answer cue on a line of its own ("Q: ...\nA:")."""
+    head, _, last = prompt.rpartition("\n")
+    if head and len(last.strip()) <= 3 and last.strip().endswith(":"):
+        head = head.rpartition("\n")[0]
+    return head
+
+
 def as_domains(heldout) -> dict[str, list[dict]]:
     """Held-out text as domain -> rows; a plain list of texts is the ``prose`` domain."""
     if isinstance(heldout, dict):
@@ -294,7 +303,7 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks: TaskSui
         # one batch per few-shot prefix: the engine computes a batch's shared prefix once
         groups: dict[str, list[int]] = {}
         for i, a in enumerate(asks):
-            groups.setdefault(a["prompt"].rpartition("\n")[0], []).append(i)
+            groups.setdefault(few_shot_prefix(a["prompt"]), []).append(i)
         answers: list = [None] * len(asks)
         for idx in groups.values():
             for i, g in zip(idx, greedy_generate(model, tok, [asks[i]["prompt"] for i in idx], s.answer_tokens,
