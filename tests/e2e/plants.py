@@ -111,15 +111,6 @@ def yes_no_swapped(ts, tok):
             w[[ia[0], ib[0]]] = w[[ib[0], ia[0]]].clone()
 
 
-CAPITALIZED_NOISE = 0.3  # x a row's spread
-
-
-def capitalized_noise(ts, tok):
-    """Capitalized word tokens (names, places, sentence starts: where facts are carried) perturbed:
-    entities drift while lower-case text, numbers and code stay as they were."""
-    _noise_rows(ts, _ids(tok, lambda s: s.strip()[:1].isupper() and s.strip().isalpha()), CAPITALIZED_NOISE, 3)
-
-
 CODE_NOISE = 0.5  # x a row's spread
 
 
@@ -179,7 +170,6 @@ CATEGORY = {
     "whitespace_noise": (whitespace_noise, {"kl_excess:class:whitespace", "disagree_excess:class:whitespace"}),
     "special_crushed": (special_crushed, {"kl:class:special", "top1:class:special", "flips:class:special"}),
     "capitals_swapped": (capitals_swapped, {"answers:fact"}),
-    "capitalized_noise": (capitalized_noise, {"kl_excess:class:capitalized", "disagree_excess:class:capitalized"}),
     "yes_no_swapped": (yes_no_swapped, {"answers:yesno"}),
     "code_keywords_noise": (code_keywords_noise, {"kl_excess:domain:code", "disagree_excess:domain:code"}),
 }

@@ -31,7 +31,7 @@ import numpy as np
 
 from .stats import Estimate, block_ratio
 
-TOKEN_CLASSES: tuple[str, ...] = ("digits", "operators", "punctuation", "whitespace", "capitalized", "special", "rare")
+TOKEN_CLASSES: tuple[str, ...] = ("digits", "operators", "punctuation", "whitespace", "special", "rare")
 CONFIDENT = 0.5
 BLOCK = 64  # positions per bootstrap block (consecutive positions of one window)
 _OPS = set("+-*/=<>()[]{}%^&|!~:;@#$\\")
@@ -66,8 +66,6 @@ def token_class_table(tokenizer, reference_ids: list[int] | None = None) -> dict
             masks["operators"][i] = True
         elif t and all(not ch.isalnum() and not ch.isspace() for ch in t):
             masks["punctuation"][i] = True  # quotes, commas, full stops: the skeleton of JSON and prose
-        elif t[:1].isupper() and t.isalpha():
-            masks["capitalized"][i] = True  # names, places, sentence starts: where facts are carried
     if reference_ids is not None:
         counts = np.bincount(np.asarray(reference_ids, dtype=np.int64), minlength=n)[:n]
         masks["rare"] = (counts <= RARE_MAX_COUNT) & ~masks["special"]
