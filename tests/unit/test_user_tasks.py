@@ -123,8 +123,8 @@ def test_answers_file_joins_the_answer_prompts_and_is_checked(tmp_path, cache_di
     assert rows[0]["expected"] == "paris" and {r["kind"] for r in rows} == {"capitals"}
     suite = build_suite(EvalSettings(task_limit=0), "cpu", cache_dir, staged)
     assert suite is not None and suite.names == () and len(suite.answers) == 24  # asked with task sets off
-    for bad, words in (('{"prompt": "x"}', "must start with a word"), ("not json", "not JSON"),
-                       ('{"answer": "y"}', "non-empty 'prompt'"), ('{"prompt": "x", "answer": "y", "kind": "A B"}',
+    for bad, words in (('{"prompt": "x"}', "must start with a word"), ("not json", "not valid JSON"),
+                       ('{"answer": "y"}', "non-empty string field 'prompt'"), ('{"prompt": "x", "answer": "y", "kind": "A B"}',
                                                                    "lower-case name")):
         (tmp_path / "bad").mkdir(exist_ok=True)
         (tmp_path / "bad" / "answers.jsonl").write_text(bad + "\n")

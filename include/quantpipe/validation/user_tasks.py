@@ -13,7 +13,6 @@ items, so a broken folder is refused in ``validate_params``, before any heavy wo
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import yaml
 from ..artifacts import ArtifactStore, uri_to_path
 from ..assets.tasks import ALL_TASKS
 from ..errors import PipelineError
+from ..jsonl import text_rows
 
 OUTPUT_TYPES = ("multiple_choice", "generate_until")
 PER_ITEM_METRICS = ("acc", "acc_norm", "exact_match")  # 0/1 per item: paired drops with intervals
@@ -200,15 +200,7 @@ def read_answers(folder: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserTasksError(f"{ANSWERS_FILE} line {i}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise UserTasksError(f"{ANSWERS_FILE} line {i}: needs a non-empty 'prompt'")
+    for i, row in text_rows(path, ANSWERS_FILE, UserTasksError, field="prompt"):
         expected = first_answer(str(row.get("answer", "")))
         if not expected:
             raise UserTasksError(f"{ANSWERS_FILE} line {i}: 'answer' must start with a word or number")
@@ -216,8 +208,6 @@ def read_answers(folder: Path) -> list[dict]:
         if not isinstance(kind, str) or not _KIND.match(kind):
             raise UserTasksError(f"{ANSWERS_FILE} line {i}: kind {kind!r} must be a lower-case name")
         rows.append({"prompt": row["prompt"], "expected": expected, "kind": kind})
-    if not rows:
-        raise UserTasksError(f"{ANSWERS_FILE} is empty")
     return rows
 
 
