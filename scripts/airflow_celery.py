@@ -29,8 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from scripts.airflow_rest import AirflowRest  # noqa: E402
 from tests.infra.servers import (  # noqa: E402
     HOST,
     ServiceError,
@@ -58,9 +57,8 @@ BUCKET = "quantpipe-artifacts"
 USERS = {"admin": ("admin", "admin"), "viewer": ("viewer", "viewer")}  # name -> (role, password)
 
 
-@dataclass
-class CeleryStack:
-    base_url: str
+@dataclass(kw_only=True)
+class CeleryStack(AirflowRest):
     home: Path
     log_folder: Path
     env: dict = field(repr=False)
@@ -69,91 +67,9 @@ class CeleryStack:
     redis: object = None
     postgres: object = None
     s3: object = None
-    _token: str | None = field(default=None, repr=False)
 
-    # ------------------------------------------------------------------ REST
-    def http(self, method: str, path: str, body: dict | None = None, token: bool = True,
-             accept: str = "application/json") -> tuple[int, object]:
-        headers = {"Content-Type": "application/json", "Accept": accept}
-        if token:
-            headers["Authorization"] = f"Bearer {self.token()}"
-        req = urllib.request.Request(self.base_url + path, method=method, headers=headers,
-                                     data=json.dumps(body).encode() if body is not None else None)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                raw = r.read()
-                status = r.status
-        except urllib.error.HTTPError as e:
-            raw, status = e.read(), e.code
-        try:
-            return status, json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
-            return status, raw.decode(errors="replace")
-
-    def token(self, user: str = "admin") -> str:
-        if self._token is None or user != "admin":
-            status, body = self.http("POST", "/auth/token",
-                                     {"username": user, "password": USERS[user][1]}, token=False)
-            if status not in (200, 201):
-                raise ServiceError(f"login as {user} failed: {status} {body}")
-            if user != "admin":
-                return body["access_token"]
-            self._token = body["access_token"]
-        return self._token
-
-    def trigger(self, dag_id: str, conf: dict | None = None, parse_timeout: float = 120) -> str:
-        deadline = time.monotonic() + parse_timeout
-        while True:  # the dag-processor needs a moment to parse the DAG on a fresh DB
-            status, body = self.http("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-            if status == 200:
-                break
-            if time.monotonic() > deadline:
-                raise ServiceError(f"DAG {dag_id} not available after {parse_timeout:.0f} s: {status} {body}; "
-                                   f"dag-processor log:\n{log_tail(self.home / 'dag-processor.log')}")
-            time.sleep(1)
-        status, run = self.http("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
-        if status not in (200, 201):
-            raise ServiceError(f"trigger of {dag_id} refused ({status}): {run}")
-        return run["dag_run_id"]
-
-    def wait_run(self, dag_id: str, run_id: str, timeout: float = 600,
-                 min_try: dict[str, int] | None = None) -> dict:
-        """Wait for the run to finish; ``min_try`` (task -> try number) waits out a cleared task."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            _, run = self.http("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
-            if isinstance(run, dict) and run.get("state") in ("success", "failed"):
-                if not min_try:
-                    return run
-                tries = {t["task_id"]: t["try_number"] for t in self.task_instances(dag_id, run_id)}
-                if all(tries.get(t, 0) >= n for t, n in min_try.items()):
-                    return run
-            self.check_alive()
-            time.sleep(1)
-        raise ServiceError(f"run {run_id} of {dag_id} not finished within {timeout:.0f} s")
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        _, body = self.http("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
-        return body["task_instances"]
-
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        """The task's log through the REST API, as text (one event per line)."""
-        status, body = self.http("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
-                                        f"/logs/{try_number}?full_content=true")
-        if status != 200:
-            raise ServiceError(f"log of {task_id} not readable: {status} {body}")
-        content = body.get("content", body) if isinstance(body, dict) else body
-        if isinstance(content, list):
-            return "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content)
-        return str(content)
-
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value"):
-        status, body = self.http("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
-                                        f"/xcomEntries/{key}")
-        if status != 200:
-            raise ServiceError(f"xcom {key} of {task_id}: {status} {body}")
-        v = body.get("value")
-        return json.loads(v) if isinstance(v, str) and v[:1] in "{[" else v
+    def diagnostics(self) -> str:
+        return f"; dag-processor log:\n{log_tail(self.home / 'dag-processor.log')}"
 
     def check_alive(self) -> None:
         for name, p in self.procs.items():
@@ -267,7 +183,7 @@ def celery_stack(workdir: Path | None = None, dags_folder: Path = REPO / "dags",
         port = free_port()
         home = workdir / "airflow"
         env = _airflow_env(home, Path(dags_folder).resolve(), port, redis, pg, s3)
-        stack = CeleryStack(base_url=f"http://{HOST}:{port}", home=home, log_folder=home / "logs", env=env,
+        stack = CeleryStack(base_url=f"http://{HOST}:{port}", passwords={u: pw for u, (_, pw) in USERS.items()}, home=home, log_folder=home / "logs", env=env,
                             redis=redis, postgres=pg, s3=s3)
         r = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True)
         if r.returncode != 0:

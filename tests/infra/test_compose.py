@@ -25,7 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
 ENV_EXAMPLE = REPO / ".env.example"
-DOCKERFILES = {name: REPO / "docker" / name / "Dockerfile" for name in ("airflow", "quantize", "serving", "seaweedfs")}
+DOCKERFILES = {name: REPO / "docker" / name / "Dockerfile" for name in ("airflow", "quantize", "serving", "seaweedfs", "infra")}
 # requirements files installed into one environment (the Airflow images and the dev venv)
 SHARED_ENV_FILES = ("requirements.txt", "requirements-engine.txt", "requirements-dev.txt")
 SERVING_FILE = "requirements-serving.txt"  # vLLM's own venv in docker/serving
@@ -50,7 +50,8 @@ def compose_binary() -> Path:
 
 
 def compose(*args: str, env_file: Path | None = ENV_EXAMPLE) -> subprocess.CompletedProcess:
-    cmd = [str(compose_binary()), "-f", str(COMPOSE_FILE), "--project-directory", str(REPO)]
+    # the grafana profile on: its service (which needs a registry to run) is checked like the rest
+    cmd = [str(compose_binary()), "-f", str(COMPOSE_FILE), "--project-directory", str(REPO), "--profile", "grafana"]
     if env_file is not None:
         cmd += ["--env-file", str(env_file)]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(REPO)}  # no stray secrets from the caller's env
@@ -258,7 +259,8 @@ def test_dockerfile_pip_installs_come_from_the_requirements_files():
                     if tok in ("--index-url", "--extra-index-url", "-i", "--find-links", "-f"):
                         next(it)
                         continue
-                    if tok.startswith("-") or tok in ("/opt/quantpipe",):
+                    # options, and `$index` (the build's index options: --no-index or an index URL)
+                    if tok.startswith(("-", "$index")) or tok in ("/opt/quantpipe",):
                         continue
                     m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==(.+)$", tok)
                     if not m:
@@ -308,3 +310,20 @@ def test_requirements_files_agree_and_match_the_dev_venv():
             if pkg in exact and base_version(exact[pkg]) != base_version(ver):
                 problems.append(f"{pkg}: {f} pins {ver}, constraints.txt pins {exact[pkg]}")
     assert not problems, "\n".join(problems)
+
+
+def test_images_build_from_the_local_debian_base_not_a_registry():
+    """No registry is reachable on machines of this kind: every FROM is the debootstrap base
+    (docker/base/build_base_image.sh), one of this project's images, or an earlier stage."""
+    for name, df in DOCKERFILES.items():
+        text = df.read_text()
+        args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
+        stages = set()
+        for image, stage in re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.M | re.I):
+            resolved = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), "?"), image)
+            assert resolved in stages or resolved == "local/debian:bookworm" \
+                or resolved.startswith("quantpipe/"), f"docker/{name}/Dockerfile: FROM {image} ({resolved})"
+            if stage:
+                stages.add(stage)
+    script = (REPO / "docker" / "base" / "build_base_image.sh").read_text()
+    assert "debootstrap --variant=minbase bookworm" in script and "local/debian:bookworm" in script
