@@ -14,7 +14,8 @@ interface); every component shares one local log folder, which the api-server re
 Everything is stopped by PID at the end. Install the servers first with
 ``scripts/setup_test_services.sh``.
 
-Importable: ``celery_stack(workdir, dags_folder)`` is the context manager the engine test uses.
+Importable: ``celery_stack(workdir, dags_folder)`` is a context manager (development; the tests run
+the engine in containers: tests/infra/test_compose_stack.py).
 """
 
 from __future__ import annotations
