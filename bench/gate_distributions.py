@@ -11,8 +11,10 @@ per check, each candidate's estimate, interval and verdict, and writes the JSON.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,6 +67,7 @@ def main() -> None:
         res = pipeline.run_validation(s, prep, quant, f"dist-{name}", store=Store.local())
         results[f"sound:{name}"] = _summary(res, time.perf_counter() - t0)
     work = Path(tempfile.mkdtemp(prefix="plants-"))
+    atexit.register(shutil.rmtree, work, True)  # the planted checkpoints
     for name in names:
         edit = {**plants.CATEGORY, **plants.WHOLE}[name][0]
         folder = plants.plant(model_dir, work / name, edit)

@@ -11,8 +11,10 @@ minus the direct wall time as Airflow's overhead. Prints one JSON line per metho
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +84,7 @@ def main() -> None:
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[k] = "1"
     base = Path(tempfile.mkdtemp(prefix="quantpipe-bench-"))
+    atexit.register(shutil.rmtree, base, True)  # its checkpoints and Airflow homes
     for method in a.methods.split(","):
         bits = 8 if method in ("fp8", "w8a8") else 4
         conf = {"method": method, "bits": bits, "calibration_samples": a.samples, "max_seq_length": a.seq,

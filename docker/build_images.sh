@@ -75,9 +75,14 @@ files=(-f docker-compose.yaml)
 env_file="${COMPOSE_ENV_FILE:-}"
 [[ -n "$env_file" ]] || { [[ -f .env ]] && env_file=.env || env_file=.env.example; }
 build() {  # image service
-  local t=$SECONDS
+  local t=$SECONDS old
+  old="$(docker image inspect -f '{{.Id}}' "quantpipe/$1:$TAG" 2>/dev/null || true)"
   docker compose --env-file "$env_file" "${files[@]}" build -q \
     --build-arg PIP_NO_INDEX=$no_index --build-arg "AIRFLOW_IMAGE=quantpipe/airflow:$TAG" "$2"
+  # the image this build replaced (GBs, untagged now) goes, unless a container still uses it
+  if [[ -n "$old" && "$old" != "$(docker image inspect -f '{{.Id}}' "quantpipe/$1:$TAG")" ]]; then
+    docker image rm "$old" >/dev/null 2>&1 || true
+  fi
   echo "quantpipe/$1:$TAG: $((SECONDS - t)) s"
 }
 build infra postgres

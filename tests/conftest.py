@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +16,8 @@ from .live_airflow import admin_token, airflow_instance  # noqa: F401  (session 
 
 REPO = Path(__file__).resolve().parents[1]
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="quantpipe-tests-"))
+# The session's Airflow home and artifact store (GBs of checkpoints) go when pytest exits.
+atexit.register(shutil.rmtree, _SESSION_TMP, True)
 
 # Must be set before anything imports airflow.
 os.environ.update({

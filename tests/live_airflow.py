@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -60,6 +61,7 @@ def airflow_instance():
     finally:
         with _env(env):
             af.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def wait_for_dag(af, dag_id: str, token: str, timeout_s: int = 180) -> None:

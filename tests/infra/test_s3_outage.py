@@ -4,6 +4,7 @@ nothing corrupt or half-written is visible in the bucket."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,4 +84,5 @@ def test_store_killed_mid_upload_then_restarted(tmp_path):
             if restarted is not None:
                 stop_pid(restarted.pid, timeout=10, group=True)
                 restarted.wait(timeout=10)
+    shutil.rmtree(work, ignore_errors=True)
     assert restarted is not None and not pid_alive(restarted.pid)
