@@ -161,10 +161,34 @@ class EvalEngine(_Frozen):
     gen_batch: int = Field(256, ge=1, le=4096, description="prompts decoded together")
     cuda_graph: bool = Field(True, description="replay each decode step as a CUDA graph")
     overlap: bool = Field(True, description="GPU: generation and lm-eval run beside perplexity")
+    shard: Literal["auto", "never", "always"] = Field(
+        "auto", description="split the decoder layers over the worker's GPUs: auto when the model does not "
+                            "fit the first GPU, always (over every visible GPU), never")
 
     @classmethod
     def from_env(cls) -> "EvalEngine":
         prefix = "QUANTPIPE_EVAL_"
+        vals = {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
+        try:
+            return cls(**vals)
+        except ValueError as e:
+            raise ValueError(f"bad {prefix}* environment: {e}") from e
+
+
+class QuantEngine(_Frozen):
+    """How this worker runs quantization: its hardware, not a run's params. From the
+    environment (``QUANTPIPE_QUANT_PROCS``, ``QUANTPIPE_QUANT_OFFLOAD_DIR``, ...), set once by a
+    worker image. ``procs`` 0 runs one process per visible GPU (llm-compressor's distributed
+    oneshot under torchrun) for the methods that calibrate, one process otherwise."""
+
+    procs: int = Field(0, ge=0, le=64, description="quantization processes; 0: one per visible GPU")
+    offload_dir: Path | None = Field(None, description="folder for weights that do not fit host memory; "
+                                                       "default: <cache>/offload")
+    timeout_s: float = Field(6 * 3600, gt=0, description="limit for a distributed oneshot")
+
+    @classmethod
+    def from_env(cls) -> "QuantEngine":
+        prefix = "QUANTPIPE_QUANT_"
         vals = {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
         try:
             return cls(**vals)

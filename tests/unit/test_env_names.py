@@ -10,7 +10,8 @@ include/, dags/ and plugins/ (AST, not docstrings or messages):
 - a prefix constant (ending in ``_``) read field by field by a settings model:
   ``QUANTPIPE_DEPLOY_<FIELD>`` (DeploySettings.load), ``QUANTPIPE_MONITOR_<FIELD>``
   (MonitorSettings.load), ``QUANTPIPE_EVAL_<FIELD>`` (EvalEngine.from_env reads every
-  ``QUANTPIPE_EVAL_*`` and refuses unknown fields), so only ``prefix + FIELD`` names count.
+  ``QUANTPIPE_EVAL_*`` and refuses unknown fields), ``QUANTPIPE_QUANT_<FIELD>`` (QuantEngine),
+  so only ``prefix + FIELD`` names count.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def prefix_models() -> dict:
     """prefix -> the settings model whose fields it is read with."""
     from quantpipe.deployment.settings import ENV_PREFIX as DEPLOY, DeploySettings
     from quantpipe.monitoring.settings import ENV_PREFIX as MONITOR, MonitorSettings
-    from quantpipe.settings import EvalEngine
+    from quantpipe.settings import EvalEngine, QuantEngine
 
-    return {DEPLOY: DeploySettings, MONITOR: MonitorSettings, "QUANTPIPE_EVAL_": EvalEngine}
+    return {DEPLOY: DeploySettings, MONITOR: MonitorSettings, "QUANTPIPE_EVAL_": EvalEngine,
+            "QUANTPIPE_QUANT_": QuantEngine}
 
 
 # ------------------------------------------------------------------ what the code reads

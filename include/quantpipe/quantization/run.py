@@ -8,9 +8,12 @@ work. Beside the weights: ``recipe.yaml`` (written by llm-compressor) and
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -19,7 +22,8 @@ from pydantic import BaseModel
 
 from ..artifacts import ArtifactStore
 from ..hashing import sha256_json
-from ..settings import QuantSettings
+from ..settings import QuantEngine, QuantSettings
+from .memory_plan import ModelSize, QuantPlan, Resources, plan_quantization
 from .recipes import build_recipe
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ class QuantizeResult(BaseModel):
     reused: bool = False
 
 
-def _no_accelerator_pin_memory_shim() -> None:
+def no_accelerator_pin_memory_shim() -> None:
     """llm-compressor 0.14's AWQ pins cached activations unconditionally; pinning
     needs an accelerator. On a CPU-only worker make the pin a no-op (it is only an
     H2D transfer optimisation)."""
@@ -70,10 +74,22 @@ def _hessian_path() -> str:
     return "fast-bf16" if torch.cuda.is_available() else "llmcompressor"
 
 
+def plan_for(checkpoint: Path, s: QuantSettings, samples: list[list[int]] | None, engine: QuantEngine,
+             offload_dir: Path) -> QuantPlan:
+    """The memory plan of this worker for this checkpoint (raises ``MemoryPlanError``)."""
+    lens = [len(r) for r in samples] if (samples and s.needs_calibration) else []
+    return plan_quantization(ModelSize.of(Path(checkpoint)), Resources.probe(offload_dir), method=s.method,
+                             sample_lengths=lens, procs=engine.procs)
+
+
 def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: QuantSettings,
              samples: list[list[int]] | None, calibration_key: str | None,
-             max_seq_length: int) -> QuantizeResult:
-    key = quantize_key(checkpoint_hash, s, calibration_key, hessian=_hessian_path())
+             max_seq_length: int, engine: QuantEngine | None = None) -> QuantizeResult:
+    engine = engine or QuantEngine.from_env()
+    offload_dir = engine.offload_dir or Path(tempfile.gettempdir()) / "quantpipe-offload"
+    plan = plan_for(checkpoint, s, samples, engine, offload_dir)
+    layout = _hessian_path() + (f"-ddp{plan.procs}" if plan.procs > 1 else "")
+    key = quantize_key(checkpoint_hash, s, calibration_key, hessian=layout)
     name = f"{s.method}-{s.scheme.lower()}-{key}"
     found = store.find("quantized", name, deep=True)
     if found is not None:
@@ -89,7 +105,11 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _no_accelerator_pin_memory_shim()
+    log.info("memory plan: %s", plan.as_dict())
+    if plan.procs > 1:
+        return _quantize_distributed(store, name, Path(checkpoint), checkpoint_hash, s, samples or [],
+                                     calibration_key, max_seq_length, plan, offload_dir, engine, key)
+    no_accelerator_pin_memory_shim()
     t0 = time.perf_counter()
     # GPU workers: the measured profile (bench/README.md) - model and activations on the GPU
     # when they fit, GPTQ's Hessian on the tensor cores; the algorithm and recipe are unchanged
@@ -100,12 +120,22 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
         from . import gpu_profile
 
         gpu_profile.install_fast_hessian()
-        hidden = json.loads((Path(checkpoint) / "config.json").read_text())["hidden_size"]
-        if gpu_profile.model_fits_on_gpu(ckpt_bytes, sample_lengths=lens, hidden_size=hidden):
-            load_kw["device_map"] = "cuda"
+    if plan.hold == "gpu":
+        load_kw["device_map"] = "cuda"
+    elif plan.hold == "host+disk":  # a folder of this run's own, removed when the process ends
+        spill = tempfile.mkdtemp(prefix="offload-", dir=offload_dir)
+        atexit.register(shutil.rmtree, spill, True)
+        load_kw.update(device_map="auto_offload", max_memory={"cpu": plan.host_budget}, offload_folder=spill)
     # safetensors only, and never code shipped with the checkpoint
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", use_safetensors=True,
-                                                 trust_remote_code=False, **load_kw)
+    if plan.hold == "host+disk":
+        from compressed_tensors.offload import load_offloaded_model
+
+        with load_offloaded_model():
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", use_safetensors=True,
+                                                         trust_remote_code=False, **load_kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", use_safetensors=True,
+                                                     trust_remote_code=False, **load_kw)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     t_load = time.perf_counter() - t0
     recipe = build_recipe(s)
@@ -141,7 +171,8 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
             "calibration_samples": len(samples) if samples else 0,
             "versions": {lib: version(lib) for lib in LIBRARIES},
             "placement": {"load": {k: str(v) for k, v in load_kw.items()},
-                          "oneshot": {k: str(v) for k, v in kwargs.items() if k not in ("dataset",)}},
+                          "oneshot": {k: str(v) for k, v in kwargs.items() if k not in ("dataset",)},
+                          "plan": plan.as_dict()},
             "timings": {"load_s": round(t_load, 2), "oneshot_s": round(t_quant, 2), "save_s": round(t_save, 2),
                         "total_s": round(time.perf_counter() - t0, 2)},
             "size_bytes": size,
@@ -150,3 +181,43 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
     log.info("quantized in %.1f s (oneshot %.1f s); %.1f MB", prov["timings"]["total_s"], t_quant, size / 1e6)
     return QuantizeResult(uri=store.uri("quantized", name), key=key, scheme=s.scheme,
                           seconds=prov["timings"]["total_s"], size_bytes=size)
+
+
+def _quantize_distributed(store: ArtifactStore, name: str, checkpoint: Path, checkpoint_hash: str,
+                          s: QuantSettings, samples: list[list[int]], calibration_key: str | None,
+                          max_seq_length: int, plan: QuantPlan, offload_dir: Path, engine: QuantEngine,
+                          key: str) -> QuantizeResult:
+    """The same recipe, calibration and checkpoint format, run by ``plan.procs`` processes."""
+    from transformers import AutoTokenizer
+
+    from . import distributed
+
+    if not samples:
+        raise ValueError(f"method {s.method} needs calibration samples")
+    log.info("quantizing %s with %s (%s), %d calibration samples over %d processes", checkpoint.name, s.method,
+             s.scheme, len(samples), plan.procs)
+    meta = {"method": s.method, "scheme": s.scheme, "checkpoint_hash": checkpoint_hash}
+    with (store.writing("quantized", name, meta=meta) as out, tempfile.TemporaryDirectory(prefix="qp-ddp-") as wd,
+          tempfile.TemporaryDirectory(prefix="offload-", dir=offload_dir) as spill):
+        spec = {"checkpoint": str(checkpoint), "out": str(out), "samples": samples, "max_seq_length": max_seq_length,
+                "settings": s.model_dump(mode="json"), "device": plan.device, "host_bytes": plan.host_budget,
+                "offload_folder": spill if plan.disk_bytes else None,
+                "model_bytes": plan.host_bytes + plan.disk_bytes}
+        res = distributed.launch(spec, plan.procs, Path(wd), timeout_s=engine.timeout_s)
+        AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False).save_pretrained(out)
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        prov = {
+            "settings": s.model_dump(), "scheme": s.scheme, "input_checkpoint": str(checkpoint),
+            "input_checkpoint_hash": checkpoint_hash, "calibration_key": calibration_key,
+            "calibration_samples": len(samples),
+            "versions": {lib: version(lib) for lib in LIBRARIES},
+            "placement": {"load": res["load"], "oneshot": res["oneshot"], "plan": plan.as_dict(),
+                          "samples_per_rank": res["samples_per_rank"], "peak_gpu_bytes": res["peak_gpu_bytes"]},
+            "timings": {**res["timings"], "total_s": res["launcher_s"]},
+            "size_bytes": size,
+        }
+        (out / PROVENANCE).write_text(json.dumps(prov, indent=1))
+    log.info("quantized by %d processes in %.1f s (oneshot %.1f s); %.1f MB", plan.procs, res["launcher_s"],
+             res["timings"]["oneshot_s"], size / 1e6)
+    return QuantizeResult(uri=store.uri("quantized", name), key=key, scheme=s.scheme, seconds=res["launcher_s"],
+                          size_bytes=size)

@@ -42,6 +42,8 @@ class Placement:
     cuda_graph: bool
     overlap: bool = False
     pack_width: int = 0
+    shard_gpus: int = 1  # > 1: decoder layers split over this many GPUs (``sharding``)
+    shard: str = "auto"  # EvalEngine.shard: when to split
 
     @property
     def kind(self) -> str:
@@ -67,7 +69,7 @@ def resolve_placement(e: EvalEngine | None = None) -> Placement:
     on_gpu = e.device == "cuda" or (e.device == "auto" and cuda)
     if on_gpu:
         return Placement("cuda", "bfloat16", e.ppl_batch, e.token_budget, e.gen_batch, e.cuda_graph, e.overlap,
-                         e.pack_width)
+                         e.pack_width, shard=e.shard)
     return Placement("cpu", "float32", 1, e.cpu_token_budget, e.gen_batch, False, pack_width=e.pack_width)
 
 
@@ -211,7 +213,9 @@ def parts(model):
 
 
 def device_of(model):
-    return next(model.parameters()).device
+    """Where inputs go and outputs come back: the input embeddings' device (on a model split
+    over GPUs, ``sharding`` keeps embeddings, final norm and output head on that one GPU)."""
+    return model.get_input_embeddings().weight.device
 
 
 def window_batches(windows: Sequence[Sequence[int]], batch: int) -> Iterator[list[Sequence[int]]]:

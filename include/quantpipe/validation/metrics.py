@@ -41,7 +41,9 @@ def load_model(path: Path, placement: Placement | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    placement = placement or resolve_placement()
+    from .sharding import load_kwargs, placed
+
+    placement = placed(path, placement or resolve_placement())
     if placement.device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     kwargs = {}
@@ -52,7 +54,7 @@ def load_model(path: Path, placement: Placement | None = None):
         # dequantizing on every forward; activation quantization (FP8/W8A8) still applies
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.torch_dtype, trust_remote_code=False,
-                                                 use_safetensors=True, device_map=placement.device, **kwargs)
+                                                 use_safetensors=True, **load_kwargs(path, placement), **kwargs)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tok
@@ -273,7 +275,9 @@ def measure(path: Path, heldout: Heldout, s: EvalSettings, tasks: TaskSuite | No
     """Everything validation compares: perplexity (+KL against ``reference``) per held-out
     domain, greedy outputs, answers to the answer-flip prompts and task accuracy. One model
     load. ``dist`` (tensors) is returned for the caller to store."""
-    placement = placement or resolve_placement()
+    from .sharding import placed
+
+    placement = placed(path, placement or resolve_placement())
     t0 = time.perf_counter()
     model, tok = load_model(path, placement)
     out = measure_loaded(model, tok, heldout, s, tasks, reference, placement)
