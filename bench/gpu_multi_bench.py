@@ -94,8 +94,20 @@ def quantize(a, ckpt: Path, work: Path, procs: int) -> Path:
     s = QuantSettings(method="gptq", bits=4, group_size=128)
     gpu_peaks()
     t0 = time.perf_counter()
-    res = run_quantize(ArtifactStore(work / f"q{procs}"), ckpt, f"bench-{procs}", s, samples, "bench", a.seq,
-                       engine=QuantEngine(procs=procs, offload_dir=work / "offload"))
+    engine = QuantEngine(procs=abs(procs), offload_dir=work / "offload")
+    if procs < 0:  # the torchrun launcher with |procs| processes even where the plan would run in-process
+        import dataclasses
+
+        from quantpipe.quantization import run as qrun
+
+        plan = dataclasses.replace(qrun.plan_for(ckpt, s, samples, engine, work / "offload"), procs=abs(procs),
+                                   hold="host", host_budget=200 * GIB)
+        key = qrun.quantize_key("bench", s, "bench", hessian=f"launcher{procs}")
+        res = qrun._quantize_distributed(ArtifactStore(work / f"q{procs}"), f"gptq-{key}", ckpt, "bench", s,
+                                         samples, "bench", a.seq, plan, work / "offload", engine, key)
+    else:
+        res = run_quantize(ArtifactStore(work / f"q{procs}"), ckpt, f"bench-{procs}", s, samples, "bench", a.seq,
+                           engine=engine)
     wall = time.perf_counter() - t0
     out = uri_to_path(res.uri)
     prov = json.loads((out / PROVENANCE).read_text())
@@ -145,7 +157,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--procs", default="2,1")
+    p.add_argument("--procs", default="2,1", help="process counts; -n: the torchrun launcher with n processes")
     p.add_argument("--splits", default="always,never")
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--prompts", type=int, default=8)
@@ -170,7 +182,7 @@ def main() -> None:
     work.mkdir(parents=True)
     ckpt = build(a, work)
     cands = {}
-    for n in [int(x) for x in a.procs.split(",") if x]:
+    for n in [int(x) for x in a.procs.split(",") if x]:  # noqa: B007
         try:
             cands[n] = quantize(a, ckpt, work, n)
         except Exception as e:  # noqa: BLE001 - a bench records the failure and goes on

@@ -133,6 +133,7 @@ def run_one(a) -> dict:
         return r
 
     LifecycleCallbacks.sequential_epoch_end = classmethod(_mark)
+    spent = _install_breakdown() if a.breakdown else None
 
     from llmcompressor import oneshot
 
@@ -168,7 +169,42 @@ def run_one(a) -> dict:
         "peak_gpu_gib": round(peak, 2), "rel_err_hidden": None if rel is None else round(rel, 5),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
+    if spent is not None:  # where the oneshot time went (synchronized, so a little slower)
+        out["breakdown_s"] = {k: round(x, 2) for k, x in spent.items()}
+        top = ("gptq_solve", "gptq_hessian", "awq_smoothing")  # awq_grid, awq_forward lie inside awq_smoothing
+        out["breakdown_s"]["forward_and_rest"] = round(t_oneshot - sum(spent.get(k, 0.0) for k in top), 2)
     return out
+
+
+def _install_breakdown() -> dict:
+    """Time (with a device sync on each side) GPTQ's solves, its Hessian accumulation and
+    AWQ's smoothing (its grid search and the forwards inside it apart)."""
+    import functools
+
+    from llmcompressor.modifiers.gptq import base as gptq_base
+    from llmcompressor.modifiers.transform.awq import base as awq_base
+
+    spent: dict[str, float] = {}
+
+    def wrap(fn, key):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+        return timed
+
+    gptq_base.GPTQModifier.compress_modules = wrap(gptq_base.GPTQModifier.compress_modules, "gptq_solve")
+    gptq_base.accumulate_hessian = wrap(gptq_base.accumulate_hessian, "gptq_hessian")
+    awq = awq_base.AWQModifier
+    awq._apply_smoothing = wrap(awq._apply_smoothing, "awq_smoothing")
+    awq._compute_best_scale = wrap(awq._compute_best_scale, "awq_grid")
+    awq._run_samples = wrap(awq._run_samples, "awq_forward")
+    return spent
 
 
 def main() -> None:
@@ -181,6 +217,7 @@ def main() -> None:
     p.add_argument("--variants", default="default,gpu,gpu_hess,gpu_hess_bs8")
     p.add_argument("--budget-s", type=float, default=540, help="skip variants once this much time has passed")
     p.add_argument("--logdir", default=os.environ.get("OUT", "."))
+    p.add_argument("--breakdown", action="store_true", help="time solves, Hessians and AWQ smoothing apart")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -195,6 +232,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--one", v] + [f"--{k}={getattr(a, k)}" for k in
                                                         ("shape", "layers", "vocab", "samples", "seq")]
+        cmd += ["--breakdown"] if a.breakdown else []
         log = Path(a.logdir) / f"quant_{a.shape}_{v}.log"
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
