@@ -21,10 +21,11 @@ from quantpipe.quantization.run import PROVENANCE, quantize
 from quantpipe.settings import QuantEngine, QuantSettings
 
 pytestmark = pytest.mark.slow
-# six of thirty layers are quantized: the solves dominate a CPU run, and six show the
-# hand-off of Hessians and solved weights between ranks as well as thirty
+# four of thirty layers are quantized: the solves dominate a CPU run, and four show the
+# hand-off of Hessians and solved weights between ranks (28 Linears spread over two) as
+# well as thirty
 SETTINGS = QuantSettings(method="gptq", bits=4, group_size=64,
-                         ignore=("lm_head", r"re:model\.layers\.([6-9]|[12][0-9])\..*"))
+                         ignore=("lm_head", r"re:model\.layers\.([4-9]|[12][0-9])\..*"))
 
 
 def _samples(model_dir, corpus_dir, n=8, length=128, start=0):
@@ -72,7 +73,7 @@ def test_two_processes_quantize_like_one(tmp_path, model_dir, corpus_dir):
 
     c1, t1 = _codes(f1)
     c2, t2 = _codes(f2)
-    assert t1.keys() == t2.keys() and len(c1) == 6 * 7  # six layers x seven Linears, the rest dense
+    assert t1.keys() == t2.keys() and len(c1) == 4 * 7  # four layers x seven Linears, the rest dense
     for k in t1:
         assert t1[k].shape == t2[k].shape, k
         if not (k.endswith("weight_packed") or k.endswith("weight_scale") or k.endswith("weight_zero_point")):
@@ -94,6 +95,8 @@ def test_two_processes_quantize_like_one(tmp_path, model_dir, corpus_dir):
         return (p.exp() * (p - q)).sum(-1).mean().item()
 
     k_one, k_two = kl(base, q1), kl(base, q2)
+    print(f"int4 codes equal {equal / total:.4f}, within one step {near / total:.4f}; mean KL to the "
+          f"unquantized model: one process {k_one:.5f}, two {k_two:.5f}, between them {kl(q1, q2):.5f}")
     assert k_one > 1e-4 and k_two > 1e-4, "quantization left the model unchanged"
     assert abs(k_one - k_two) <= 0.25 * max(k_one, k_two), (k_one, k_two)
 
