@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM=false
 # fallback). 4-bit on AVX512/GPU hosts: make demo DEMO_CONF='{"method":"gptq","bits":4,"group_size":32}'
 DEMO_CONF ?= {"method":"w8a8","bits":8}
 
-.PHONY: venv assets demo stop test test-fast serving-env services prebuild-images bench clean
+.PHONY: venv assets demo stop test test-fast serving-env services bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,12 +43,8 @@ stop:
 	$(PY) scripts/airflow_local.py stop
 	$(PY) scripts/monitoring_local.py stop
 
-# the compose stack's images build in the background while the setup and the first tests run
-prebuild-images: venv
-	scripts/prebuild_images.sh $(PY)
-
-test: prebuild-images assets serving-env services
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+test: assets serving-env services
+	scripts/run_tests.sh $(PY)
 
 test-fast: assets
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests

@@ -168,36 +168,12 @@ def _assert_every_object_in_a_verified_artifact(fs, root: str) -> int:
     return len(folders)
 
 
-def _background_build(timeout_s: float = 3600) -> dict:
-    """Wait for the build ``make test`` started in the background (scripts/prebuild_images.sh);
-    its figures, or nothing when none was started. A failed one is printed, not fatal: the
-    build that follows redoes what is missing and reports its own errors."""
-    state = REPO / ".cache" / "image-build"
-    pid_file, rc_file = state / "pid", state / "rc"
-    if not pid_file.exists():
-        return {}
-    pid = int(pid_file.read_text())
-    t = time.monotonic()
-    while not rc_file.exists() and Path(f"/proc/{pid}").exists() and time.monotonic() - t < timeout_s:
-        time.sleep(5)
-    waited = round(time.monotonic() - t, 1)
-    pid_file.unlink()
-    if not rc_file.exists():
-        return {"background_build": "ended without a result", "waited_for_it_s": waited}
-    rc, secs = rc_file.read_text().split()
-    rc_file.unlink()
-    if rc != "0":
-        print(f"background image build failed ({rc}):\n{(state / 'log').read_text()[-3000:]}")
-    return {"background_build_s": int(secs), "background_build_rc": int(rc), "waited_for_it_s": waited}
-
-
 @pytest.fixture()
 def stack(tmp_path):
     timings = {}
     t = time.monotonic()
     out = _run([str(REPO / "scripts" / "ensure_docker.sh"), sys.executable], timeout=900)
     print(f"\n{out.strip()}")
-    timings.update(_background_build())
     t_build = time.monotonic()
     out = _run([str(REPO / "docker" / "build_images.sh")], timeout=3600, env={"PYTHON": sys.executable})
     timings["images_s"] = round(time.monotonic() - t_build, 1)
