@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -145,12 +145,30 @@ class EvalSettings(_Frozen):
                                            "the next round fits in this budget")
 
 
-class EvalEngine(_Frozen):
+class _WorkerEnv(_Frozen):
+    """A worker's settings, read field by field from ``ENV_PREFIX + FIELD`` variables
+    (unknown fields are refused)."""
+
+    ENV_PREFIX: ClassVar[str] = ""
+
+    @classmethod
+    def from_env(cls):
+        prefix = cls.ENV_PREFIX
+        vals = {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
+        try:
+            return cls(**vals)
+        except ValueError as e:
+            raise ValueError(f"bad {prefix}* environment: {e}") from e
+
+
+class EvalEngine(_WorkerEnv):
     """How this worker runs evaluations: its hardware, not a run's params. From the
     environment (``QUANTPIPE_EVAL_DEVICE``, ``QUANTPIPE_EVAL_PPL_BATCH``, ...), so a GPU
     worker image sets them once. ``auto`` uses CUDA in bfloat16 when a GPU is visible and
     the CPU in float32 otherwise; the baseline is cached per device kind, so baseline and
     candidate are always measured the same way."""
+
+    ENV_PREFIX: ClassVar[str] = "QUANTPIPE_EVAL_"
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ppl_batch: int = Field(4, ge=1, le=256, description="perplexity windows per forward (GPU)")
@@ -165,35 +183,19 @@ class EvalEngine(_Frozen):
         "auto", description="split the decoder layers over the worker's GPUs: auto when the model does not "
                             "fit the first GPU, always (over every visible GPU), never")
 
-    @classmethod
-    def from_env(cls) -> "EvalEngine":
-        prefix = "QUANTPIPE_EVAL_"
-        vals = {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
-        try:
-            return cls(**vals)
-        except ValueError as e:
-            raise ValueError(f"bad {prefix}* environment: {e}") from e
 
-
-class QuantEngine(_Frozen):
+class QuantEngine(_WorkerEnv):
     """How this worker runs quantization: its hardware, not a run's params. From the
     environment (``QUANTPIPE_QUANT_PROCS``, ``QUANTPIPE_QUANT_OFFLOAD_DIR``, ...), set once by a
     worker image. ``procs`` 0 runs one process per visible GPU (llm-compressor's distributed
     oneshot under torchrun) for the methods that calibrate, one process otherwise."""
 
+    ENV_PREFIX: ClassVar[str] = "QUANTPIPE_QUANT_"
+
     procs: int = Field(0, ge=0, le=64, description="quantization processes; 0: one per visible GPU")
     offload_dir: Path | None = Field(None, description="folder for weights that do not fit host memory; "
-                                                       "default: <cache>/offload")
+                                                       "default: <tmp>/quantpipe-offload")
     timeout_s: float = Field(6 * 3600, gt=0, description="limit for a distributed oneshot")
-
-    @classmethod
-    def from_env(cls) -> "QuantEngine":
-        prefix = "QUANTPIPE_QUANT_"
-        vals = {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
-        try:
-            return cls(**vals)
-        except ValueError as e:
-            raise ValueError(f"bad {prefix}* environment: {e}") from e
 
 
 class Tolerances(_Frozen):

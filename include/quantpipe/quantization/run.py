@@ -9,6 +9,7 @@ work. Beside the weights: ``recipe.yaml`` (written by llm-compressor) and
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -126,14 +127,13 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
         spill = tempfile.mkdtemp(prefix="offload-", dir=offload_dir)
         atexit.register(shutil.rmtree, spill, True)
         load_kw.update(device_map="auto_offload", max_memory={"cpu": plan.host_budget}, offload_folder=spill)
-    # safetensors only, and never code shipped with the checkpoint
-    if plan.hold == "host+disk":
+    loader = contextlib.nullcontext()
+    if plan.hold == "host+disk":  # "auto_offload" is compressed-tensors' own device map
         from compressed_tensors.offload import load_offloaded_model
 
-        with load_offloaded_model():
-            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", use_safetensors=True,
-                                                         trust_remote_code=False, **load_kw)
-    else:
+        loader = load_offloaded_model()
+    # safetensors only, and never code shipped with the checkpoint
+    with loader:
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", use_safetensors=True,
                                                      trust_remote_code=False, **load_kw)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
