@@ -43,7 +43,8 @@ stop:
 	$(PY) scripts/airflow_local.py stop
 	$(PY) scripts/monitoring_local.py stop
 
-test: assets serving-env services
+# the setup (assets serving-env services) runs inside run_tests.sh, beside the stack's image build
+test: venv
 	scripts/run_tests.sh $(PY)
 
 test-fast: assets

@@ -25,16 +25,31 @@ from . import plants
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # the default gate, task checks on (100 items a set; sets the small model answers at chance
-# are excluded with their reason, never passed)
+# are excluded with their reason, never passed); the plants run it without the task sets
 CONF = {"method": "fp8", "bits": 8, "run_name": "planted", "num_prompts": 4, "max_new_tokens": 12,
         "task_limit": 100, "sensitivity_layers": 0, "remediation": False, "deploy": False}
 PLANTED = {**plants.CATEGORY, **plants.WHOLE}
 
 
+# The plants are validated without the task sets: no plant's expected check comes from them (the
+# damage is read from held-out text, short answers and sums), and 400 task items per plant cost
+# CI ~5 minutes over 12 plants. The sound quantizations below run the default gate with them.
+PLANT_CONF = {**CONF, "task_limit": 0}
+
+
+def _prep(conf: dict):
+    settings = pipeline.validate_params(conf, store=Store.local())
+    return settings, pipeline.prep_checkpoint(settings, store=Store.local())
+
+
 @pytest.fixture(scope="module")
 def prep(model_dir):
-    settings = pipeline.validate_params(CONF, store=Store.local())
-    return settings, pipeline.prep_checkpoint(settings, store=Store.local())
+    return _prep(CONF)
+
+
+@pytest.fixture(scope="module")
+def plant_prep(model_dir):
+    return _prep(PLANT_CONF)
 
 
 def _validate(settings, prep, folder: Path, name: str) -> dict:
@@ -44,8 +59,8 @@ def _validate(settings, prep, folder: Path, name: str) -> dict:
 
 
 @pytest.mark.parametrize("name", list(PLANTED))
-def test_planted_regression_fails_the_right_check(name, prep, model_dir, tmp_path):
-    settings, p = prep
+def test_planted_regression_fails_the_right_check(name, plant_prep, model_dir, tmp_path):
+    settings, p = plant_prep
     edit, expected = PLANTED[name]
     res = _validate(settings, p, plants.plant(model_dir, tmp_path / name, edit), name)
     assert res["verdict"] == "FAIL" and not res["passed"], res

@@ -48,7 +48,8 @@ USER_TASKS = REPO / "tests" / "data" / "user_tasks"  # lm-eval YAML + data: 40 c
 # two CPUs are shared by a dozen containers.
 CONF = {"method": "w8a8", "bits": 8, "run_name": "compose-stack", "tasks": ["capitals"],
         "user_tasks_uri": f"s3://{BUCKET}/user-tasks/", "category_drop_pct": {"capitals": 15},
-        "num_prompts": 4, "max_new_tokens": 12, "sensitivity_layers": 0}
+        "num_prompts": 4, "max_new_tokens": 12, "sensitivity_layers": 0,
+        "calibration_samples": 16, "max_seq_length": 128}
 # task -> the compose service whose worker must run it
 TASK_SERVICE = {"validate_params": "worker-default", "prep_checkpoint": "worker-gpu-a100",
                 "build_calibration": "worker-default", "quantize": "worker-gpu-a100",

@@ -110,7 +110,9 @@ def dockerfile_sets(text: str) -> set[str]:
 def docker_dir_sets() -> dict[str, set[str]]:
     """name -> files under docker/ that set it (Dockerfile ENV; ``NAME=`` assignments elsewhere)."""
     out: dict[str, set[str]] = {}
-    for path in sorted(p for p in DOCKER.rglob("*") if p.is_file()):
+    # the text files only: docker/wheelhouse holds ~1 GB of wheels that set nothing
+    for path in sorted(p for p in DOCKER.rglob("*") if p.is_file() and "wheelhouse" not in p.parts
+                       and p.suffix not in (".whl", ".gz", ".zip", ".tar")):
         text = path.read_text(errors="replace")
         found = dockerfile_sets(text) if path.name == "Dockerfile" else \
             set(re.findall(r"(?:^|\s)(?:export\s+)?(QUANTPIPE_[A-Z0-9_]+)=", text, re.M))
