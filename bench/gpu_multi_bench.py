@@ -125,7 +125,7 @@ def validate(a, ckpt: Path, cand: Path, split: str) -> None:
 
     from quantpipe.assets.corpus import read_texts
     from quantpipe.settings import EvalSettings
-    from quantpipe.validation.engine import resolve_placement
+    from quantpipe.validation.engine.placement import resolve_placement
     from quantpipe.validation.metrics import measure
     from quantpipe.validation.sharding import placed
 

@@ -159,7 +159,7 @@ def main() -> None:
 
     from quantpipe.assets.corpus import read_texts
     from quantpipe.settings import EvalSettings
-    from quantpipe.validation.engine import resolve_placement
+    from quantpipe.validation.engine.placement import resolve_placement
     from quantpipe.assets.tasks import CPU_SUITE
     from quantpipe.validation.metrics import consistency, load_model, measure_loaded, top1_agreement
     from quantpipe.validation.suite import TaskSuite

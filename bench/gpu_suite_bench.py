@@ -82,7 +82,7 @@ def main() -> None:
 
     from quantpipe.assets.domains import BUILTIN_DOMAINS, heldout_for
     from quantpipe.settings import EvalSettings
-    from quantpipe.validation.engine import resolve_placement
+    from quantpipe.validation.engine.placement import resolve_placement
     from quantpipe.validation.metrics import measure_loaded
     from quantpipe.validation.sandbox import sandbox_available
     from quantpipe.validation.suite import build_suite

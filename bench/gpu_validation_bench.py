@@ -97,7 +97,8 @@ def parts(model, placement, a, res: dict) -> None:
     """Each kind of work alone: naive against the engine, synthetic token ids."""
     import torch
 
-    from quantpipe.validation.engine import greedy, loglikelihoods
+    from quantpipe.validation.engine.decoding import greedy
+    from quantpipe.validation.engine.packing import loglikelihoods
     from quantpipe.validation.metrics import perplexity
 
     g = torch.Generator().manual_seed(1)
@@ -145,7 +146,7 @@ def parts(model, placement, a, res: dict) -> None:
     if placement.overlap and dev_is_cuda(model):
         # the product's arrangement (metrics.measure_loaded): log-likelihoods beside
         # perplexity then generation
-        from quantpipe.validation.engine import overlapped
+        from quantpipe.validation.engine.streams import overlapped
 
         def main_part():
             return perplexity(model, ids, a.window, batch=placement.ppl_batch), \
@@ -193,9 +194,10 @@ class Counter:
         self.calls: list[dict] = []  # each engine call (timed passes only)
 
     def install(self):
-        from quantpipe.validation import accuracy, engine, metrics
+        from quantpipe.validation import accuracy, metrics
+        from quantpipe.validation.engine import decoding, packing
 
-        ll, gr, ppl = engine.loglikelihoods, engine.greedy, metrics.perplexity
+        ll, gr, ppl = packing.loglikelihoods, decoding.greedy, metrics.perplexity
 
         def loglik(model, reqs, budget, **kw):
             n = sum(len(c) + len(k) for c, k in reqs)
@@ -233,7 +235,7 @@ def graph_check(res: dict) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from quantpipe.validation.engine import greedy
+    from quantpipe.validation.engine.decoding import greedy
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -311,7 +313,7 @@ def main() -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from quantpipe.validation.engine import resolve_placement
+    from quantpipe.validation.engine.placement import resolve_placement
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
@@ -347,7 +349,7 @@ def main() -> None:
     res: dict = {"bench": "gpu_validation", "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                  "placement": placement.__dict__, "layers": a.layers, "matmul_params": n_mm,
                  "matmul_tflops_bf16": round(tf, 1), "roofline_tok_s": round(tf * 1e12 / (2 * n_mm))}
-    from quantpipe.validation.engine import attention_kernels
+    from quantpipe.validation.engine.attention import attention_kernels
 
     if not a.skip_parts:
         with attention_kernels(placement):  # as measure_loaded runs them

@@ -29,7 +29,7 @@ from .settings import PipelineParams
 from .store import Store
 from .validation.checks import overall_verdict, run_checks, uninformative
 from .validation.slices import Positions, positions_from, token_class_table
-from .validation.engine import resolve_placement
+from .validation.engine.placement import resolve_placement
 from .validation.metrics import load_model, measure, measure_loaded
 from .validation.sensitivity import most_sensitive, sensitivity
 from .validation.suite import TaskSuite, build_suite

@@ -50,7 +50,7 @@ def _codes(folder):
 def _logprobs(folder, rows):
     import torch
 
-    from quantpipe.validation.engine import resolve_placement
+    from quantpipe.validation.engine.placement import resolve_placement
     from quantpipe.validation.metrics import load_model
 
     model, _ = load_model(folder, resolve_placement())

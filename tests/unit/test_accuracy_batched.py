@@ -12,7 +12,7 @@ def test_batched_lm_gives_hflm_scores_per_item(model_dir, cache_dir, monkeypatch
 
     from quantpipe.assets.tasks import builtin_tasks
     from quantpipe.validation import accuracy
-    from quantpipe.validation.engine import resolve_placement
+    from quantpipe.validation.engine.placement import resolve_placement
     from quantpipe.validation.metrics import load_model
 
     tasks = builtin_tasks(cache_dir)
@@ -38,7 +38,7 @@ def test_batched_lm_tokenizes_and_scores_requests_like_hflm(model_dir):
     from lm_eval.models.huggingface import HFLM
 
     from quantpipe.validation import accuracy
-    from quantpipe.validation.engine import resolve_placement
+    from quantpipe.validation.engine.placement import resolve_placement
     from quantpipe.validation.metrics import load_model
 
     model, tok = load_model(model_dir)

@@ -24,7 +24,7 @@ def _ids(n: int, seed: int) -> list[int]:
 
 
 def test_window_batches_keep_order_and_equal_lengths():
-    from quantpipe.validation.engine import window_batches
+    from quantpipe.validation.engine.packing import window_batches
 
     ws = [[1] * 4, [2] * 4, [3] * 4, [4] * 4, [5] * 4, [6] * 2]
     groups = list(window_batches(ws, 2))
@@ -72,7 +72,7 @@ def _naive_loglik(model, ctx, cont):
 
 @pytest.mark.parametrize("pack", [0, 64, 16])  # padded rows; packed rows; a width below the longest
 def test_batched_loglikelihoods_match_single_requests(tiny, pack):
-    from quantpipe.validation.engine import loglikelihoods
+    from quantpipe.validation.engine.packing import loglikelihoods
 
     reqs = [(_ids(5 + 7 * i % 40, i), _ids(1 + i % 5, 100 + i)) for i in range(23)]
     # a continuation that is the model's own greedy choice must be reported as greedy
@@ -92,7 +92,7 @@ def test_batched_loglikelihoods_match_single_requests(tiny, pack):
 def test_one_token_choices_of_one_context_share_its_forward(tiny, pack, monkeypatch):
     """Lettered multiple choice (MMLU's " A".." D"): each choice scored as if alone, from one
     forward of the shared context."""
-    from quantpipe.validation import engine
+    from quantpipe.validation.engine import packing
 
     reqs = []
     for i in range(6):
@@ -101,24 +101,25 @@ def test_one_token_choices_of_one_context_share_its_forward(tiny, pack, monkeypa
     order = torch.randperm(len(reqs), generator=torch.Generator().manual_seed(1)).tolist()
     reqs = [reqs[i] for i in order]
     rows = []
-    real = engine.parts
+    real = packing.parts  # loglikelihoods looks ``parts`` up in its own module
 
     def counting(model):
         body, head = real(model)
         return (lambda **kw: rows.append(int((kw["input_ids"] != -1).shape[0])) or body(**kw)), head
 
-    monkeypatch.setattr(engine, "parts", counting)
-    got = engine.loglikelihoods(tiny, reqs, token_budget=10_000, pack=pack)
+    monkeypatch.setattr(packing, "parts", counting)
+    got = packing.loglikelihoods(tiny, reqs, token_budget=10_000, pack=pack)
     for (c, k), (lp, greedy) in zip(reqs, got):
         want_lp, want_greedy = _naive_loglik(tiny, c, k)
         assert lp == pytest.approx(want_lp, abs=1e-4)
         assert greedy == want_greedy
+    assert rows  # the forwards went through the patched body
     if not pack:  # one padded row per distinct request: 6 contexts + 6 longer choices, not 30
         assert sum(rows) == 12
 
 
 def test_pack_rows_first_fit_longest_first():
-    from quantpipe.validation.engine import pack_rows
+    from quantpipe.validation.engine.packing import pack_rows
 
     lengths = [5, 9, 3, 7, 2, 12, 4]
     rows = pack_rows(lengths, 10)
@@ -130,7 +131,7 @@ def test_pack_rows_first_fit_longest_first():
 
 
 def test_batched_greedy_matches_generate_and_stops_at_eos(tiny):
-    from quantpipe.validation.engine import greedy
+    from quantpipe.validation.engine.decoding import greedy
 
     prompts = [_ids(n, 50 + n) for n in (3, 9, 17, 5)]
     want = []
@@ -160,44 +161,48 @@ def _generate(model, prompts, n):
 
 
 def test_greedy_shares_a_common_prefix_and_packs_prompts(tiny, monkeypatch):
-    from quantpipe.validation import engine
+    from quantpipe.validation.engine import decoding
 
     shared = _ids(7, 7)
     prompts = [shared + _ids(n, 70 + n) for n in (1, 9, 4, 13, 2, 6)] + [shared[:5] + [3]]
-    assert engine.common_prefix(prompts) == 5  # the last prompt parts after 5 shared tokens
-    assert engine.common_prefix(prompts[:6]) == 7
-    assert engine.common_prefix([shared, shared]) == 6  # at least one own token each
+    assert decoding.common_prefix(prompts) == 5  # the last prompt parts after 5 shared tokens
+    assert decoding.common_prefix(prompts[:6]) == 7
+    assert decoding.common_prefix([shared, shared]) == 6  # at least one own token each
     want = _generate(tiny, prompts, 8)
-    padded, orig = [], engine._padded_prefill
-    monkeypatch.setattr(engine, "_padded_prefill", lambda *a: padded.append(1) or orig(*a))
-    assert engine.greedy(tiny, prompts, 8, pad_id=0) == want
-    assert engine.greedy(tiny, prompts[:6], 8, pad_id=0) == want[:6]
+    # greedy looks its prefills up in its own module: patched there
+    padded, orig = [], decoding._padded_prefill
+    monkeypatch.setattr(decoding, "_padded_prefill", lambda *a: padded.append(1) or orig(*a))
+    assert decoding.greedy(tiny, prompts, 8, pad_id=0) == want
+    assert decoding.greedy(tiny, prompts[:6], 8, pad_id=0) == want[:6]
     # small rows and a small budget: several packed rows, several prefill forwards
-    assert engine.greedy(tiny, prompts, 8, pad_id=0, token_budget=40, row=20) == want
+    assert decoding.greedy(tiny, prompts, 8, pad_id=0, token_budget=40, row=20) == want
     # the padded prefill (for caches the packed one cannot fill) gives the same tokens
     assert padded == []  # all of the above went through the packed prefill
-    monkeypatch.setattr(engine, "_packed_prefill", lambda *a, **k: None)
-    assert engine.greedy(tiny, prompts, 8, pad_id=0) == want
+    monkeypatch.setattr(decoding, "_packed_prefill", lambda *a, **k: None)
+    assert decoding.greedy(tiny, prompts, 8, pad_id=0) == want
     assert padded == [1]
 
 
 def test_grouped_query_attention_without_copies_gives_the_same_outputs(tiny):
-    from quantpipe.validation import engine
+    from quantpipe.validation.engine.attention import attention_kernels
+    from quantpipe.validation.engine.decoding import greedy
+    from quantpipe.validation.engine.packing import loglikelihoods
+    from quantpipe.validation.engine.placement import resolve_placement
 
     assert tiny.config.num_attention_heads // tiny.config.num_key_value_heads == 2  # a GQA model
     calls = []
-    placement = engine.resolve_placement()
+    placement = resolve_placement()
     prompts = [_ids(7, 7) + _ids(n, 70 + n) for n in (1, 9, 4)] + [_ids(5, 5)]
     reqs = [(_ids(5 + 3 * i, i), _ids(1 + i % 4, 100 + i)) for i in range(9)]
-    want_gen = engine.greedy(tiny, prompts, 8, pad_id=0)
-    want_ll = engine.loglikelihoods(tiny, reqs, 120, pack=64)
-    with engine.attention_kernels(placement):
+    want_gen = greedy(tiny, prompts, 8, pad_id=0)
+    want_ll = loglikelihoods(tiny, reqs, 120, pack=64)
+    with attention_kernels(placement):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         folded = ALL_ATTENTION_FUNCTIONS["sdpa"]
         ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda *a, **k: calls.append(a[4] is not None) or folded(*a, **k)
-        got_gen = engine.greedy(tiny, prompts, 8, pad_id=0)
-        got_ll = engine.loglikelihoods(tiny, reqs, 120, pack=64)
+        got_gen = greedy(tiny, prompts, 8, pad_id=0)
+        got_ll = loglikelihoods(tiny, reqs, 120, pack=64)
         ALL_ATTENTION_FUNCTIONS["sdpa"] = folded
     assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping  # removed on exit
     assert calls and all(calls)  # every attention call had a mask: all went through the fold
@@ -208,7 +213,7 @@ def test_grouped_query_attention_without_copies_gives_the_same_outputs(tiny):
 
 def test_placement_cpu_defaults_and_bad_environment(monkeypatch):
     from quantpipe.settings import EvalEngine
-    from quantpipe.validation.engine import resolve_placement
+    from quantpipe.validation.engine.placement import resolve_placement
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     p = resolve_placement(EvalEngine())
@@ -245,7 +250,7 @@ def test_baseline_key_separates_everything_that_changes_the_figures(monkeypatch)
 def test_grouped_query_sdpa_matches_repeated_keys(q_len):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from quantpipe.validation.engine import grouped_query_sdpa
+    from quantpipe.validation.engine.attention import grouped_query_sdpa
 
     class Module:
         num_key_value_groups = 4
@@ -280,25 +285,27 @@ class _PoolStream:
 
 
 def test_dedicated_streams_never_share_a_cuda_handle(monkeypatch):
-    from quantpipe.validation import engine
+    from quantpipe.validation.engine import streams
 
-    monkeypatch.setattr(engine, "_streams", {})
+    kept: dict = {}  # dedicated_stream reads the registry of its own module: patched there
+    monkeypatch.setattr(streams, "_streams", kept)
     _PoolStream.made = 0
     new = lambda p: _PoolStream(4)  # noqa: E731
     # per-call streams from the pool come back to the same handle: what went wrong before
     assert {_PoolStream(4).cuda_stream for _ in range(8)} == {1000, 1001, 1002, 1003}
-    side0 = engine.dedicated_stream("side-0", -1, new)
+    side0 = streams.dedicated_stream("side-0", -1, new)
     for _ in range(3):  # other code takes pool streams: the pool's next handle is side-0's again
         _PoolStream(4)
-    side1 = engine.dedicated_stream("side-1", 0, new)
-    capture = engine.dedicated_stream("graph-capture", 0, new)
+    side1 = streams.dedicated_stream("side-1", 0, new)
+    capture = streams.dedicated_stream("graph-capture", 0, new)
     handles = [side0.cuda_stream, side1.cuda_stream, capture.cuda_stream]
     assert len(set(handles)) == 3, handles
+    assert set(kept) == {("side-0", -1), ("side-1", 0), ("graph-capture", 0)}
     # the same role gets the same stream on every call, whatever the pool did in between
     for _ in range(10):
         _PoolStream(4)
-        assert engine.dedicated_stream("graph-capture", 0, new) is capture
-        assert engine.dedicated_stream("side-1", 0, new) is side1
-    engine.dedicated_stream("extra", 0, new)
+        assert streams.dedicated_stream("graph-capture", 0, new) is capture
+        assert streams.dedicated_stream("side-1", 0, new) is side1
+    streams.dedicated_stream("extra", 0, new)
     with pytest.raises(RuntimeError, match="no CUDA stream"):
-        engine.dedicated_stream("one-too-many", 0, new)
+        streams.dedicated_stream("one-too-many", 0, new)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from quantpipe.validation.engine import Placement
+from quantpipe.validation.engine.placement import Placement
 from quantpipe.validation.sharding import (GIB, ShardingError, dense_bytes, device_map, gpus_needed, load_kwargs,
                                            placed)
 

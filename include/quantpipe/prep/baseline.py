@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ..artifacts import ArtifactStore
 from ..hashing import sha256_file, sha256_json
 from ..settings import EvalSettings
-from ..validation.engine import Placement, resolve_placement
+from ..validation.engine.placement import Placement, resolve_placement
 from ..validation.metrics import measure
 
 if TYPE_CHECKING:

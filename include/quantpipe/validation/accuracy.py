@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 from ..assets.tasks import CODE_TASKS, TASKS
-from .engine import Placement, greedy, loglikelihoods, resolve_placement
+from .engine.decoding import greedy
+from .engine.packing import loglikelihoods
+from .engine.placement import Placement, resolve_placement
 from .user_tasks import task_names
 
 log = logging.getLogger(__name__)

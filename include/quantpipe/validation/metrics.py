@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..settings import EvalSettings
-from .engine import (Placement, attention_kernels, device_of, greedy, loglikelihoods, overlapped, parts,
-                     resolve_placement, window_batches)
+from .engine.attention import attention_kernels
+from .engine.decoding import greedy
+from .engine.packing import loglikelihoods, window_batches
+from .engine.placement import Placement, device_of, parts, resolve_placement
+from .engine.streams import overlapped
 
 if TYPE_CHECKING:
     from .suite import TaskSuite

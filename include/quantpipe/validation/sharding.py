@@ -19,7 +19,7 @@ import json
 import logging
 from pathlib import Path
 
-from .engine import Placement
+from .engine.placement import Placement
 
 log = logging.getLogger(__name__)
 GIB = 1024 ** 3
