@@ -109,6 +109,18 @@ def teardown_all(store, s) -> None:
     h = switchover.proxy_handle(s)
     if h:
         stop(h, 5)
+    remove_private_scratch(s.state_dir)
+
+
+def remove_private_scratch(state_dir: Path) -> None:
+    """The servers' TMPDIR, when the state folder's path was too long for vLLM's socket paths and it
+    went to a short private folder outside it (``server.scratch_dir``; ~150 MB a server): call
+    once no server of ``state_dir`` runs."""
+    from quantpipe.deployment.server import scratch_dir
+
+    tmp = scratch_dir(state_dir)
+    if not tmp.resolve().is_relative_to(Path(state_dir).resolve()):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- real vLLM (slow tests) ----------------------------------------------------------------------------------

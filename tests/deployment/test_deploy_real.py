@@ -51,7 +51,10 @@ def _make_env(root: Path, monkeypatch_env) -> Env:
 def _teardown(env: Env) -> None:
     from quantpipe.deployment import switchover
 
+    from .conftest import remove_private_scratch
+
     switchover.teardown(env.store, env.s, NAME)
+    remove_private_scratch(env.s.state_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.deployment.conftest import remove_private_scratch
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 SERVING_PY = REPO / ".venv-serving" / "bin" / "python"
@@ -124,6 +126,7 @@ def vllm_endpoint(tmp_path_factory, model_dir):
         srv.stop(h, 20)
         if proxy:
             srv.stop(proxy, 5)
+        remove_private_scratch(root)
 
 
 @pytest.fixture(scope="session")
