@@ -43,8 +43,8 @@ stop:
 	$(PY) scripts/airflow_local.py stop
 	$(PY) scripts/monitoring_local.py stop
 
-# the setup (assets serving-env services) runs inside run_tests.sh, beside the stack's image build
-test: venv
+# the setup (venv assets serving-env services) runs inside run_tests.sh: vLLM's environment beside the rest
+test:
 	scripts/run_tests.sh $(PY)
 
 test-fast: assets
