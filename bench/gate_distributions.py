@@ -50,14 +50,15 @@ def main() -> None:
     from quantpipe.assets.model import builtin_checkpoint
     from tests.e2e import plants
 
-    conf = {"run_name": "dist", "sensitivity_layers": 0, "remediation": False, "deploy": False,
+    # every candidate measured in full (fail_fast off): the figures, not only the verdict
+    conf = {"run_name": "dist", "sensitivity_layers": 0, "remediation": False, "deploy": False, "fail_fast": False,
             **json.loads(a.conf)}
     settings = pipeline.validate_params({**conf, "method": "fp8", "bits": 8}, store=Store.local())
     t0 = time.perf_counter()
     prep = pipeline.prep_checkpoint(settings, store=Store.local())
     print(f"baseline: {time.perf_counter() - t0:.1f} s (reused: {prep['baseline_reused']})", flush=True)
     model_dir = builtin_checkpoint("smollm2-135m-instruct", Path(os.environ["QUANTPIPE_CACHE"]))
-    names = list(plants.CATEGORY) + list(plants.WHOLE) if a.plants == ["all"] else a.plants
+    names = list(plants.ALL) if a.plants == ["all"] else a.plants
     results: dict[str, dict] = {}
     for name in a.sound:
         s = pipeline.validate_params({**conf, **SOUND[name]}, store=Store.local())
@@ -69,8 +70,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="plants-"))
     atexit.register(shutil.rmtree, work, True)  # the planted checkpoints
     for name in names:
-        edit = {**plants.CATEGORY, **plants.WHOLE}[name][0]
-        folder = plants.plant(model_dir, work / name, edit)
+        folder = plants.build(name, model_dir, work / name)
         quant = {"quantized_uri": folder.as_uri(), "method": name, "scheme": "planted", "seconds": 0.0,
                  "size_bytes": (folder / "model.safetensors").stat().st_size}
         t0 = time.perf_counter()

@@ -103,7 +103,7 @@ def quantize(a, ckpt: Path, work: Path, procs: int) -> Path:
         plan = dataclasses.replace(qrun.plan_for(ckpt, s, samples, engine, work / "offload"), procs=abs(procs),
                                    hold="host", host_budget=200 * GIB)
         key = qrun.quantize_key("bench", s, "bench", hessian=f"launcher{procs}")
-        res = qrun._quantize_distributed(ArtifactStore(work / f"q{procs}"), f"gptq-{key}", ckpt, "bench", s,
+        res = qrun.quantize_distributed(ArtifactStore(work / f"q{procs}"), f"gptq-{key}", ckpt, "bench", s,
                                          samples, "bench", a.seq, plan, work / "offload", engine, key)
     else:
         res = run_quantize(ArtifactStore(work / f"q{procs}"), ckpt, f"bench-{procs}", s, samples, "bench", a.seq,

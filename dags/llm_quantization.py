@@ -11,9 +11,13 @@ quantized checkpoint that vLLM serves as it is.
    validated (length, vocabulary range, diversity).
 3. **quantize** (queue `gpu-a100`) or **quantize_fp8** (queue `gpu-h100`): llm-compressor
    `oneshot` with GPTQ, AWQ, FP8-dynamic or SmoothQuant+GPTQ W8A8; `lm_head` stays BF16.
-4. **validate** (queue `gpu-a100`): perplexity, KL, task accuracy and greedy consistency
-   against the baseline, measured the same way (bf16 on a GPU worker, float32 on a CPU);
-   one report (JSON + HTML). Every check has a verdict: PASS, FAIL or INCONCLUSIVE.
+4. **validate** (queue `gpu-a100`): first the exact checks of what the recipe must leave
+   as it was (full-precision tensors row by row, the tokenizer, generation defaults and
+   config served beside the weights); then perplexity, KL per domain and token class, known
+   answers and task accuracy against the baseline, measured the same way (bf16 on a GPU
+   worker, float32 on a CPU); one report (JSON + HTML). Every check has a verdict: PASS,
+   FAIL or INCONCLUSIVE, with its interval. `fail_fast` (on) skips the task sets of a
+   candidate that has already failed.
 4c. **route_review** / **review**: a person approves or rejects the release in Airflow's
    Required Actions when the verdict is INCONCLUSIVE and `inconclusive` is `review`, or for
    PASS and INCONCLUSIVE when `review_all` is on; FAIL never goes to a person. Nobody

@@ -35,7 +35,7 @@ else
   echo "images are not built ahead (the stack test builds them, or reports why it cannot)" >"$logs/image-build.log"
 fi
 t1=$SECONDS
-"$PY" -m pytest -q -p no:cacheprovider --durations=15 --ignore="$STACK" "${QUANTPIPE_SUITE:-tests}"
+"$PY" -m pytest -q -p no:cacheprovider --durations=${QUANTPIPE_DURATIONS:-30} --ignore="$STACK" "${QUANTPIPE_SUITE:-tests}"
 suite=$?
 echo "suite: $((SECONDS - t1)) s"
 build=0

@@ -7,6 +7,7 @@ outputs are small JSON-able dicts (never payloads), fit for XCom.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,12 +28,17 @@ from .quantization.recipes import check_group_size
 from .quantization.run import PROVENANCE, quantize
 from .settings import PipelineParams
 from .store import Store
-from .validation.checks import overall_verdict, run_checks, uninformative
+from .validation.blocks import UNIT as BLOCK_UNIT, block_errors
+from .validation.checks import (artifact_checks, block_check, overall_verdict, run_checks, task_allowance,
+                                uninformative)
+from .validation.companions import companion_differences
 from .validation.slices import Positions, positions_from, token_class_table
 from .validation.engine.placement import resolve_placement
-from .validation.metrics import load_model, measure, measure_loaded
+from .validation.metrics import as_domains, heldout_segments, load_model, measure_loaded
+from .validation.sharding import placed
 from .validation.sensitivity import most_sensitive, sensitivity
 from .validation.suite import TaskSuite, build_suite
+from .validation.untouched import compare_untouched
 from .validation import user_tasks
 from .validation.report import REPORT_HTML, REPORT_JSON, build_report, render_html
 
@@ -164,6 +170,41 @@ def _positions(baseline: dict, quantized: dict, reference: dict) -> tuple[Positi
     return positions_from(quantized["heldout_ids"], windows, domains, base, cand), ""
 
 
+def exact_checks(baseline_dir: Path, candidate_dir: Path, model, tokenizer) -> list:
+    """The candidate's full-precision tensors and served files against the baseline's."""
+    t0 = time.perf_counter()
+    untouched = compare_untouched(baseline_dir, candidate_dir, model.state_dict(), tokenizer)
+    files = companion_differences(baseline_dir, candidate_dir, tokenizer)
+    checks = artifact_checks(untouched, files)
+    log.info("weights and files compared with the baseline in %.1f s: %s", time.perf_counter() - t0,
+             "; ".join(f"{c.name} {c.verdict}" for c in checks))
+    return checks
+
+
+BLOCK_WINDOWS, BLOCK_TOKENS = 3, 256
+
+
+def check_blocks(baseline_dir: Path, model, tokenizer, heldout, s, tol):
+    """``blocks:worst`` on a few held-out windows, spread over the domains."""
+    t0 = time.perf_counter()
+    ids, windows, _ = heldout_segments(tokenizer, as_domains(heldout), s.ppl_max_tokens, s.ppl_window)
+    windows = [w for w in windows if w[1] >= 2 * BLOCK_UNIT]
+    if not windows:
+        return block_check(None, tol.max_block_error, missing="no held-out window long enough")
+    picked = [windows[round(k * (len(windows) - 1) / max(BLOCK_WINDOWS - 1, 1))] for k in range(BLOCK_WINDOWS)]
+    n = min(BLOCK_TOKENS, *(w[1] for w in picked))
+    batch = [ids[start:start + n] for start, _, _ in dict.fromkeys(picked)]
+    try:
+        errs = block_errors(model, baseline_dir, batch)
+    except (ValueError, TypeError, RuntimeError) as e:  # a block the code cannot rebuild: not measured, never a pass
+        log.warning("blocks not compared: %s", e)
+        return block_check(None, tol.max_block_error, missing=f"the blocks could not be compared: {e}")
+    check = block_check(errs, tol.max_block_error)
+    log.info("blocks compared with the baseline's in %.1f s (%d positions): %s %s", time.perf_counter() - t0,
+             errs.positions, check.verdict, check.note)
+    return check
+
+
 def _token_classes(tokenizer, cache_dir: Path) -> dict:
     """Token classes of this tokenizer; ``rare`` by counts in a sample of the calibration corpus."""
     texts = read_texts(builtin_corpus(cache_dir) / "calibration.jsonl")[:RARE_REFERENCE_PASSAGES]
@@ -184,23 +225,38 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     heldout, heldout_hash = heldout_for(store.cache_dir, p.evaluation.domains, p.evaluation.eval_domains_path)
     qpath = store.local_path(quant["quantized_uri"])
     s, t0, rounds = p.evaluation, time.perf_counter(), []
-    qmodel = tok = classes = None
+    qplace = placed(qpath, placement)
+    load_s = time.perf_counter()
+    qmodel, tok = load_model(qpath, qplace)
+    load_s = round(time.perf_counter() - load_s, 2)
+    # exact checks first: what the recipe must leave as it was (full-precision rows, served files)
+    bpath = store.local_path(prep["checkpoint_uri"])
+    fixed = exact_checks(bpath, qpath, qmodel, tok) + [check_blocks(bpath, qmodel, tok, heldout, s, p.tolerances)]
+    classes = _token_classes(tok, store.cache_dir)
     while True:
         tasks = _suite(s, store, placement.device)
         baseline, bfolder = _matching_baseline(store, prep, heldout, heldout_hash, s, tasks, placement)
         reference = load_reference(bfolder)
-        if qmodel is None:
-            quantized = measure(qpath, heldout, s, tasks=tasks, reference=reference, keep_model=True,
-                                placement=placement)
-            qmodel, tok = quantized.pop("model"), quantized.pop("tokenizer")
-        else:
-            quantized = measure_loaded(qmodel, tok, heldout, s, tasks, reference, placement)
+
+        def failed_before_tasks(partial: dict, baseline=baseline, reference=reference) -> str:
+            """With fail_fast, why the task sets need not be measured ('' when they must be)."""
+            if not p.tolerances.fail_fast:
+                return ""
+            ppos, pmissing = _positions(baseline, partial, reference)
+            early = fixed + run_checks(baseline, partial, p.tolerances, ppos, classes, [], pmissing)[0]
+            failed = [c.name for c in early if c.verdict == "FAIL"]
+            return (f"not measured: the candidate had already failed {', '.join(failed[:6])}"
+                    f"{' and more' if len(failed) > 6 else ''} (fail_fast)") if failed else ""
+
+        quantized = measure_loaded(qmodel, tok, heldout, s, informative(tasks, baseline.get("accuracy"), p.tolerances),
+                                   reference, qplace, before_tasks=failed_before_tasks)
+        quantized["load_seconds"] = load_s
         quantized.pop("dist")
         log.info("round %d measured: %s", len(rounds) + 1, _measured(quantized))
         pos, missing = _positions(baseline, quantized, reference)
-        classes = classes if classes is not None else _token_classes(tok, store.cache_dir)
         wanted = list(tasks.names) if tasks is not None else []
         checks, side = run_checks(baseline, quantized, p.tolerances, pos, classes, wanted, missing)
+        checks = fixed + checks
         side["excluded"].extend({"name": f"task:{n}", "reason": why, "baseline": None, "chance": None, "n": 0}
                                 for n, why in (tasks.unavailable if tasks else {}).items())
         verdict = overall_verdict(checks)
@@ -219,7 +275,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
         quantized.pop(k)
     sens = None
     if s.sensitivity_layers:
-        bmodel, _ = load_model(store.local_path(prep["checkpoint_uri"]), placement)
+        bmodel, _ = load_model(bpath, placement)
         sens = sensitivity(bmodel, qmodel, ids, s.ppl_window, s.sensitivity_layers)
         del bmodel
     del qmodel
@@ -229,7 +285,7 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
     prov = json.loads((qpath / PROVENANCE).read_text())
     report = build_report(
         run_id=run_id,
-        model={"uri": prep["checkpoint_uri"], "path": str(store.local_path(prep["checkpoint_uri"])),
+        model={"uri": prep["checkpoint_uri"], "path": str(bpath),
                "checkpoint_hash": prep["checkpoint_hash"], "num_parameters": prep["num_parameters"],
                "size_bytes": prep["size_bytes"]},
         quantization={**quant, "provenance": prov}, baseline=baseline, quantized=quantized,
@@ -271,6 +327,20 @@ def run_validation(params: dict, prep: dict, quant: dict, run_id: str, label: st
             "next_token_accuracy_quantized": quantized["perplexity"]["next_token_accuracy"],
             "sensitive_layers": most_sensitive(sens, 16) if sens else [],
             "quant": quant, "settings": params, **({"attempt": extra["remediation"]["attempt"]} if extra else {})}
+
+
+def informative(tasks: TaskSuite | None, b_acc: dict | None, tol) -> TaskSuite | None:
+    """The suite the candidate is measured on: without the sets its baseline cannot show
+    damage on (they are reported as excluded with the reason whatever the candidate scores)."""
+    if tasks is None or not tasks.names:
+        return tasks
+    done = (b_acc or {}).get("tasks") or {}
+    keep = tuple(n for n in tasks.names
+                 if n not in done or not uninformative(done[n], task_allowance(tol, n)))
+    if keep != tasks.names:
+        log.info("task sets the baseline cannot show damage on, not measured for the candidate: %s",
+                 ", ".join(n for n in tasks.names if n not in keep))
+    return dataclasses.replace(tasks, names=keep)
 
 
 def _matching_baseline(store: Store, prep: dict, heldout: dict, heldout_hash: str, s, tasks,

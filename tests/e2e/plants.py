@@ -34,6 +34,22 @@ def plant(model_dir: Path, out: Path, edit) -> Path:
     return out
 
 
+def plant_files(model_dir: Path, out: Path, edit) -> Path:
+    """The weights copied as they are; ``edit(folder)`` changes a file served beside them."""
+    from quantpipe.quantization.run import PROVENANCE
+
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    edit(out)
+    (out / PROVENANCE).write_text(json.dumps({"planted": True}))
+    return out
+
+
+def _edit_json(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
 def _ids(tok, pred) -> list[int]:
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
     return [i for i, p in enumerate(pieces) if p is not None and pred(tok.convert_tokens_to_string([p]))]
@@ -161,6 +177,34 @@ def lm_head_crushed(ts, tok):
     ts[key] *= 0.35
 
 
+# faults in the files served beside the weights (the weights are the baseline's)
+def eos_id_changed(folder: Path):
+    """The end-of-sequence id in the generation defaults points at another token: served
+    answers never stop where the model ends them."""
+    _edit_json(folder / "generation_config.json", lambda d: d.update(eos_token_id=[13]))
+
+
+def chat_template_altered(folder: Path):
+    """The chat template renders turns without their end marker."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        jinja.write_text(jinja.read_text().replace("<|im_end|>", ""))
+    else:
+        _edit_json(folder / "tokenizer_config.json",
+                   lambda d: d.update(chat_template=d["chat_template"].replace("<|im_end|>", "")))
+
+
+def rope_base_changed(folder: Path):
+    """The rotary base written 4x too large (a config re-saved from another version)."""
+    def edit(d):
+        rp = d.get("rope_parameters") or {}
+        if "rope_theta" in rp:
+            rp["rope_theta"] *= 4
+        else:
+            d["rope_theta"] = d.get("rope_theta", 10000.0) * 4
+    _edit_json(folder / "config.json", edit)
+
+
 # name -> (edit, checks of which at least one must fail)
 CATEGORY = {
     "digits_noise": (digits_noise, {"kl_excess:class:digits", "disagree_excess:class:digits"}),
@@ -174,8 +218,31 @@ CATEGORY = {
     "code_keywords_noise": (code_keywords_noise, {"kl_excess:domain:code", "disagree_excess:domain:code"}),
 }
 WHOLE = {
-    "two_bit": (two_bit, {"perplexity", "kl_divergence", "top1_agreement"}),
-    "scales_perturbed": (scales_perturbed, {"perplexity", "kl_divergence"}),
-    "block_zeroed": (block_zeroed, {"kl_divergence", "top1_agreement", "perplexity"}),
+    "two_bit": (two_bit, {"perplexity", "kl_divergence", "top1_agreement", "blocks:worst"}),
+    "scales_perturbed": (scales_perturbed, {"perplexity", "kl_divergence", "blocks:worst"}),
+    "block_zeroed": (block_zeroed, {"blocks:worst"}),
     "lm_head_crushed": (lm_head_crushed, {"perplexity", "kl_divergence"}),
 }
+
+FILES = {
+    "eos_id_changed": (eos_id_changed, {"files:generation"}),
+    "chat_template_altered": (chat_template_altered, {"files:tokenizer"}),
+    "rope_base_changed": (rope_base_changed, {"files:config"}),
+}
+ALL = {**CATEGORY, **WHOLE, **FILES}
+# in bench/gate_distributions.py only: gross damage of a kind the suite's plants already meet
+# (every block's output channels: two_bit, caught by blocks:worst and the overall checks; the
+# tied embedding/head rows: the category plants, caught by weights:untouched), each failing
+# 40+ checks there; left out of CI's suite for its 90-minute limit
+BENCH_ONLY = ("scales_perturbed", "lm_head_crushed")
+SUITE = {k: v for k, v in ALL.items() if k not in BENCH_ONLY}
+
+# the sound 4-bit GPTQ the planted suite passes (the default recipe at group 32), quantized by
+# test_dag_e2e's GPTQ run with the same settings: the session's store quantizes it once
+GPTQ_SOUND = {"method": "gptq", "bits": 4, "group_size": 32, "calibration_samples": 32, "max_seq_length": 256}
+
+
+def build(name: str, model_dir: Path, out: Path) -> Path:
+    """The planted checkpoint ``name`` (of ``ALL``) written to ``out``."""
+    edit = ALL[name][0]
+    return (plant_files if name in FILES else plant)(model_dir, out, edit)

@@ -44,8 +44,8 @@ BUCKET = "quantpipe-artifacts"
 USER_TASKS = REPO / "tests" / "data" / "user_tasks"  # lm-eval YAML + data: 40 capital-city questions
 # task checks on: the user's own task folder, read from S3 like the users of the stack keep it
 # (the built-in sets sit near chance on the small model and would be excluded with their reason)
-# Generation kept short (the planted suite's settings, under which sound W8A8 passes): the stack's
-# two CPUs are shared by a dozen containers.
+# Generation kept short (the planted suite's settings): the stack's two CPUs are shared by a dozen
+# containers. This is the suite's sound-W8A8 gate test: the default gate, task checks on, must pass it.
 CONF = {"method": "w8a8", "bits": 8, "run_name": "compose-stack", "tasks": ["capitals"],
         "user_tasks_uri": f"s3://{BUCKET}/user-tasks/", "category_drop_pct": {"capitals": 15},
         "num_prompts": 4, "max_new_tokens": 12, "sensitivity_layers": 0,

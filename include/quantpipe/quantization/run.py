@@ -108,7 +108,7 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
 
     log.info("memory plan: %s", plan.as_dict())
     if plan.procs > 1:
-        return _quantize_distributed(store, name, Path(checkpoint), checkpoint_hash, s, samples or [],
+        return quantize_distributed(store, name, Path(checkpoint), checkpoint_hash, s, samples or [],
                                      calibration_key, max_seq_length, plan, offload_dir, engine, key)
     no_accelerator_pin_memory_shim()
     t0 = time.perf_counter()
@@ -165,25 +165,28 @@ def quantize(store: ArtifactStore, checkpoint: Path, checkpoint_hash: str, s: Qu
         tokenizer.save_pretrained(out)
         t_save = time.perf_counter() - t2
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        prov = {
-            "settings": s.model_dump(), "scheme": s.scheme, "input_checkpoint": str(checkpoint),
-            "input_checkpoint_hash": checkpoint_hash, "calibration_key": calibration_key,
-            "calibration_samples": len(samples) if samples else 0,
-            "versions": {lib: version(lib) for lib in LIBRARIES},
-            "placement": {"load": {k: str(v) for k, v in load_kw.items()},
-                          "oneshot": {k: str(v) for k, v in kwargs.items() if k not in ("dataset",)},
-                          "plan": plan.as_dict()},
-            "timings": {"load_s": round(t_load, 2), "oneshot_s": round(t_quant, 2), "save_s": round(t_save, 2),
-                        "total_s": round(time.perf_counter() - t0, 2)},
-            "size_bytes": size,
-        }
+        prov = provenance(s, checkpoint, checkpoint_hash, calibration_key, len(samples) if samples else 0, size,
+                          placement={"load": {k: str(v) for k, v in load_kw.items()},
+                                     "oneshot": {k: str(v) for k, v in kwargs.items() if k not in ("dataset",)},
+                                     "plan": plan.as_dict()},
+                          timings={"load_s": round(t_load, 2), "oneshot_s": round(t_quant, 2),
+                                   "save_s": round(t_save, 2), "total_s": round(time.perf_counter() - t0, 2)})
         (out / PROVENANCE).write_text(json.dumps(prov, indent=1))
     log.info("quantized in %.1f s (oneshot %.1f s); %.1f MB", prov["timings"]["total_s"], t_quant, size / 1e6)
     return QuantizeResult(uri=store.uri("quantized", name), key=key, scheme=s.scheme,
                           seconds=prov["timings"]["total_s"], size_bytes=size)
 
 
-def _quantize_distributed(store: ArtifactStore, name: str, checkpoint: Path, checkpoint_hash: str,
+def provenance(s: QuantSettings, checkpoint: Path, checkpoint_hash: str, calibration_key: str | None,
+               samples: int, size: int, *, placement: dict, timings: dict) -> dict:
+    """What ``quantpipe.json`` records of a quantization, in one process or several."""
+    return {"settings": s.model_dump(), "scheme": s.scheme, "input_checkpoint": str(checkpoint),
+            "input_checkpoint_hash": checkpoint_hash, "calibration_key": calibration_key,
+            "calibration_samples": samples, "versions": {lib: version(lib) for lib in LIBRARIES},
+            "placement": placement, "timings": timings, "size_bytes": size}
+
+
+def quantize_distributed(store: ArtifactStore, name: str, checkpoint: Path, checkpoint_hash: str,
                           s: QuantSettings, samples: list[list[int]], calibration_key: str | None,
                           max_seq_length: int, plan: QuantPlan, offload_dir: Path, engine: QuantEngine,
                           key: str) -> QuantizeResult:
@@ -206,16 +209,11 @@ def _quantize_distributed(store: ArtifactStore, name: str, checkpoint: Path, che
         res = distributed.launch(spec, plan.procs, Path(wd), timeout_s=engine.timeout_s)
         AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False).save_pretrained(out)
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        prov = {
-            "settings": s.model_dump(), "scheme": s.scheme, "input_checkpoint": str(checkpoint),
-            "input_checkpoint_hash": checkpoint_hash, "calibration_key": calibration_key,
-            "calibration_samples": len(samples),
-            "versions": {lib: version(lib) for lib in LIBRARIES},
-            "placement": {"load": res["load"], "oneshot": res["oneshot"], "plan": plan.as_dict(),
-                          "samples_per_rank": res["samples_per_rank"], "peak_gpu_bytes": res["peak_gpu_bytes"]},
-            "timings": {**res["timings"], "total_s": res["launcher_s"]},
-            "size_bytes": size,
-        }
+        prov = provenance(s, checkpoint, checkpoint_hash, calibration_key, len(samples), size,
+                          placement={"load": res["load"], "oneshot": res["oneshot"], "plan": plan.as_dict(),
+                                     "samples_per_rank": res["samples_per_rank"],
+                                     "peak_gpu_bytes": res["peak_gpu_bytes"]},
+                          timings={**res["timings"], "total_s": res["launcher_s"]})
         (out / PROVENANCE).write_text(json.dumps(prov, indent=1))
     log.info("quantized by %d processes in %.1f s (oneshot %.1f s); %.1f MB", plan.procs, res["launcher_s"],
              res["timings"]["oneshot_s"], size / 1e6)

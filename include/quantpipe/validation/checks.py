@@ -14,6 +14,12 @@ The checks:
   confined to one capability, in absolute terms and as error concentrated in the slice;
 - ``answers:<kind>``: the share of the short factual and numeric answers the baseline
   knows that the candidate changed;
+- ``weights:untouched``: rows of the tensors the recipe keeps in full precision (embeddings, an
+  ignored output head, the final norm) that differ from the baseline's (``untouched``);
+- ``blocks:worst``: the worst decoder block's error, each block rebuilt with the baseline's
+  tensors and run on the candidate's own input to it (``blocks``);
+- ``files:tokenizer``, ``files:generation``, ``files:config``: what vLLM reads beside the
+  weights, field by field against the baseline's (``companions``);
 - ``task:<set>``: accuracy drop on the same items, for sets whose baseline is above
   chance (a set at chance cannot show damage; it is listed as excluded, not passed).
 """
@@ -29,7 +35,10 @@ from ..settings import Tolerances
 from .answers import answer_flips
 from .metrics import consistency
 from .slices import LATE_CONTEXT, Positions, slice_estimates, slice_masks
-from .stats import Estimate, Verdict, decide, detectable, paired_binary_drop, proportion
+from .stats import Estimate, Verdict, decide, detectable, exact, paired_binary_drop, proportion
+from .blocks import BlockErrors
+from .stats import Z
+from .untouched import UntouchedResult
 
 PER_SLICE = ("kl", "top1", "flips")
 
@@ -131,6 +140,56 @@ def divergence_checks(pos: Positions | None, classes: dict[str, np.ndarray] | No
     return out
 
 
+FILE_GROUPS = {
+    "tokenizer": "tokenizer, special tokens and chat template the same as the baseline's",
+    "generation": "generation defaults (end-of-sequence ids, sampling) the same as the baseline's",
+    "config": "model config (architecture, rotary base, context length) the same as the baseline's",
+}
+
+
+def artifact_checks(untouched: UntouchedResult | None, files: dict[str, list[str]] | None,
+                    missing: str = "") -> list[Check]:
+    """Exact checks of what the recipe must not change: full-precision tensors and the files
+    served beside the weights. Each counts differences against a limit of zero."""
+    out = []
+    if untouched is None:
+        out.append(make_check("weights:untouched", "rows of full-precision tensors changed", "weights", None, 0.0,
+                              "max", " rows", missing=missing or "the weights were not compared"))
+    else:
+        c = make_check("weights:untouched", f"rows changed in the {len(untouched.compared)} tensors the recipe keeps "
+                       f"in full precision ({len(untouched.exempt)} quantized or smoothed tensors exempt)", "weights",
+                       exact(untouched.changed_rows, untouched.rows), 0.0, "max", " rows")
+        out.append(c.model_copy(update={"note": untouched.summary()}))
+    for group, what in FILE_GROUPS.items():
+        diffs = None if files is None else files.get(group)
+        if diffs is None:
+            out.append(make_check(f"files:{group}", what, "files", None, 0.0, "max", " differences",
+                                  missing=missing or f"{group} files were not compared"))
+            continue
+        c = make_check(f"files:{group}", what, "files", exact(len(diffs), max(len(diffs), 1)), 0.0, "max",
+                       " differences")
+        out.append(c.model_copy(update={"note": "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")}))
+    return out
+
+
+def block_check(blocks: BlockErrors | None, limit: float, missing: str = "") -> Check:
+    """The worst block's mean relative update error, its interval over runs of positions."""
+    what = ("relative error of the worst decoder block's residual update, against the block rebuilt with the "
+            "baseline's tensors on the same input")
+    if blocks is None or not blocks.errors:
+        return make_check("blocks:worst", what, "blocks", None, limit, "max", missing=missing or "not measured")
+    i = int(np.argmax(blocks.errors))
+    u = np.asarray(blocks.unit_means[i], dtype=np.float64)
+    if len(u) < 2:
+        return make_check("blocks:worst", what, "blocks", None, limit, "max",
+                          missing=f"{blocks.positions} positions: too few to give an interval")
+    value, se = blocks.errors[i], float(u.std(ddof=1) / np.sqrt(len(u)))
+    est = Estimate(value, max(0.0, value - Z * se), value + Z * se, se, blocks.positions, len(u))
+    c = make_check("blocks:worst", what, "blocks", est, limit, "max")
+    worst = ", ".join(f"block {j}: {e:.3f}" for j, e in blocks.worst(4))
+    return c.model_copy(update={"note": (c.note + "; " if c.note else "") + f"worst {worst}"})
+
+
 def _accuracy_drop(pos: Positions) -> Estimate | None:
     from .slices import _per_block
     from .stats import block_ratio
@@ -168,6 +227,11 @@ def answer_checks(baseline: dict, quantized: dict, tol: Tolerances) -> tuple[lis
     return out, flips
 
 
+def task_allowance(tol: Tolerances, name: str) -> float:
+    """The accuracy drop (points) tolerated on task set ``name``."""
+    return tol.category_drop_pct.get(name, tol.task_drop_pct)
+
+
 def task_checks(b_acc: dict | None, q_acc: dict | None, wanted: list[str], tol: Tolerances
                 ) -> tuple[list[Check], list[dict]]:
     """Per task set, the accuracy drop on the same items. A set the baseline cannot show damage
@@ -176,7 +240,7 @@ def task_checks(b_acc: dict | None, q_acc: dict | None, wanted: list[str], tol: 
     b_tasks = (b_acc or {}).get("tasks", {})
     q_tasks = (q_acc or {}).get("tasks", {})
     for name in wanted:
-        allowed = tol.category_drop_pct.get(name, tol.task_drop_pct)
+        allowed = task_allowance(tol, name)
         b, q = b_tasks.get(name), q_tasks.get(name)
         if b is not None and (why := uninformative(b, allowed)):
             excluded.append({"name": f"task:{name}", "baseline": b["score"], "chance": b.get("chance", 0.0),

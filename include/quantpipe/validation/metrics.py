@@ -273,8 +273,7 @@ def as_domains(heldout) -> dict[str, list[dict]]:
 
 
 def measure(path: Path, heldout: Heldout, s: EvalSettings, tasks: TaskSuite | None = None,
-            reference: dict | None = None, keep_model: bool = False,
-            placement: Placement | None = None) -> dict:
+            reference: dict | None = None, placement: Placement | None = None) -> dict:
     """Everything validation compares: perplexity (+KL against ``reference``) per held-out
     domain, greedy outputs, answers to the answer-flip prompts and task accuracy. One model
     load. ``dist`` (tensors) is returned for the caller to store."""
@@ -285,16 +284,18 @@ def measure(path: Path, heldout: Heldout, s: EvalSettings, tasks: TaskSuite | No
     model, tok = load_model(path, placement)
     out = measure_loaded(model, tok, heldout, s, tasks, reference, placement)
     out["load_seconds"] = round(time.perf_counter() - t0 - out["measure_seconds"], 2)
-    if keep_model:
-        out["model"], out["tokenizer"] = model, tok
     return out
 
 
 def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks: TaskSuite | None,
-                   reference: dict | None, placement: Placement) -> dict:
+                   reference: dict | None, placement: Placement, before_tasks=None) -> dict:
     """``measure`` on a model already in memory (the GPU benchmark builds one there). On a
     GPU, task accuracy runs beside perplexity and greedy generation (``engine.overlapped``);
-    the figures are those of running them one after another."""
+    the figures are those of running them one after another.
+
+    ``before_tasks(partial) -> str``: where the task sets run after the rest (one device
+    stream), it is called with everything else measured; a reason it returns leaves the
+    sets unmeasured (``accuracy`` then names the reason for each set)."""
     from .answers import answer_prompts
 
     t0 = time.perf_counter()
@@ -351,13 +352,21 @@ def measure_loaded(model, tok, heldout: Heldout, s: EvalSettings, tasks: TaskSui
             (ppl, ids, windows, info), (gens, answers), acc = overlapped(held_out, generations, task_sets,
                                                                          priorities=(-1, 0))
         else:
-            (ppl, ids, windows, info), (gens, answers), acc = held_out(), generations(), task_sets()
+            (ppl, ids, windows, info), (gens, answers), acc = held_out(), generations(), "later"
     dist = ppl.pop("dist")
     per_position = ppl.pop("per_position")
     dist.update({"nll": per_position["nll"], "top1": per_position["top1"]})
     out = {"perplexity": ppl, "generations": gens, "answers": answers, "settings": s.model_dump(mode="json"),
            "engine": placement.kind, "heldout": info, "dist": dist, "per_position": per_position,
            "heldout_ids": ids, "windows": windows}
+    if acc == "later":
+        why = before_tasks(out) if (before_tasks is not None and want_tasks) else ""
+        if why:
+            log.info("task sets not measured: %s", why)
+            acc = {"tasks": {}, "missing": {n: why for n in tasks.names}, "skipped": why}
+        else:
+            with attention_kernels(placement):
+                acc = task_sets()
     if acc is not None:
         out["accuracy"] = acc
     out["measure_seconds"] = round(time.perf_counter() - t0, 2)

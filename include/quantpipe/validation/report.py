@@ -163,7 +163,8 @@ quantization {q.get('seconds', 0):.1f} s.</p>
 <h2>Checks</h2><p>Each check: its estimate with a {int(CONFIDENCE * 100)} % interval (paired block bootstrap
 over held-out positions, Agresti-Min for paired task items, Wilson for answer flips), decided as a
 non-inferiority test: PASS when the whole interval is within the limit, FAIL when it is wholly beyond,
-INCONCLUSIVE otherwise (not a pass). <i>Detectable</i>: the value at which this measurement would
+INCONCLUSIVE otherwise (not a pass). Full-precision weights and the files served beside them are
+compared exactly: their interval is the count itself. <i>Detectable</i>: the value at which this measurement would
 fail the check with 80 % probability, the smallest degradation it could catch.</p>
 <table><tr><th>check</th><th>what</th><th>baseline</th><th>quantized</th><th>estimate</th><th>interval</th>
 <th>limit</th><th>detectable</th><th>n</th><th>verdict</th></tr>{rows}</table>

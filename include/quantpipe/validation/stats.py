@@ -87,6 +87,12 @@ def block_ratio(num: np.ndarray, den: np.ndarray, seed: int = 0, transform=None)
                     int(den.sum()), units)
 
 
+def exact(value: float, n: int) -> Estimate:
+    """A quantity counted exactly (no sampling): its interval is the point itself, so it is
+    decided against the limit with certainty and detects anything beyond it."""
+    return Estimate(float(value), float(value), float(value), 0.0, n, n)
+
+
 def paired_binary_drop(b: list[float], q: list[float]) -> Estimate | None:
     """Drop in accuracy (baseline − candidate, as a fraction) over the same 0/1 items:
     Agresti-Min (2005) interval, adding ½ to each cell of the paired 2×2 table."""
