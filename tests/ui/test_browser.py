@@ -67,13 +67,37 @@ def _pick_method(page, dialog, method: str) -> None:
     _pick(page, dialog, "method", method)
 
 
-def _open_report(page, af, run_url: str, shot, out: dict) -> None:
-    # 5. the validate task's extra link -> the plugin's report page
-    page.goto(f"{run_url}/tasks/validate/details", wait_until="networkidle")
-    link = page.get_by_role("link", name="Validation report")
-    if link.count() == 0:
-        link = page.get_by_role("button", name="Validation report")
-    link.first.wait_for()
+def _extra_links(af, token: str, run_id: str, task_id: str) -> dict:
+    """The task's extra links as the REST API gives them (what the UI's page renders)."""
+    status, body = af._http("GET", f"/api/v2/dags/{DAG}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
+                                   f"{task_id}/links", token=token)
+    if status == 200 and isinstance(body, dict) and isinstance(body.get("extra_links"), dict):
+        return body["extra_links"]
+    return {"status": status, "body": body}
+
+
+def _open_report(page, af, run_url: str, shot, out: dict, token: str) -> None:
+    # 5. the validate task's extra link -> the plugin's report page. The API must name it first
+    # (the page renders what the API gives); then the page, reloaded once if its links came late.
+    deadline, links = time.time() + 60, {}
+    while time.time() < deadline and not links.get("Validation report"):
+        links = _extra_links(af, token, out["run_id"], "validate")
+        time.sleep(0 if links.get("Validation report") else 2)
+    assert links.get("Validation report"), f"the validate task's extra links from the API: {links}"
+    # Airflow's UI renders an extra link as a link or a button: whichever comes
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    link = page.get_by_role("link", name="Validation report").or_(
+        page.get_by_role("button", name="Validation report"))
+    for attempt in range(2):
+        page.goto(f"{run_url}/tasks/validate/details", wait_until="networkidle")
+        try:
+            link.first.wait_for(timeout=60_000)
+            break
+        except PlaywrightTimeout:
+            shot(page, f"05-validate-task-no-extra-link-{attempt}.png")
+            if attempt:
+                raise
     shot(page, "05-validate-task-extra-link.png")
     href = link.first.get_attribute("href")
     if not href:  # rendered as a button: follow the popup it opens
@@ -220,7 +244,7 @@ def browser_flow(af, shots: Path) -> dict:
                 raise AssertionError(f"run {run_id} ended {state}: "
                                      f"{ {t['task_id']: t['state'] for t in tis.get('task_instances', [])} }")
 
-            _open_report(page, af, run_url, shot, out)
+            _open_report(page, af, run_url, shot, out, af.token("admin"))
             _no_secret_rendered(page, af, run_url, shot, out)
             ctx.close()
     finally:
