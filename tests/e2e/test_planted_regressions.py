@@ -29,14 +29,16 @@ from .plants import GPTQ_SOUND
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # the default gate, task checks on: a task set this model can show damage on, the example user
-# task (40 capital-city questions, baseline 0.925), named as a user names their own sets. The
-# worker's built-in sets sit at chance on this model and are excluded with their reason
-# whatever the candidate scores (test_dag_e2e, test_informative_sets; bench/gate_distributions.py
-# runs the plants with them).
+# task (120 capital-city questions, baseline 0.92 on 100), named as a user names their own sets,
+# with the tolerance its other tests and the README give it (15 points; a 135M model at 4 bits
+# loses a few points of capitals, which 100 items cannot prove to be under 10). The worker's
+# built-in sets sit at chance on this model and are excluded with their reason whatever the
+# candidate scores (test_dag_e2e, test_informative_sets; bench/gate_distributions.py runs the
+# plants with them).
 USER_TASKS = Path(__file__).resolve().parents[1] / "data" / "user_tasks"
 CONF = {"method": "fp8", "bits": 8, "run_name": "planted", "num_prompts": 4, "max_new_tokens": 12,
-        "task_limit": 100, "tasks": ["capitals"], "user_tasks_uri": str(USER_TASKS), "sensitivity_layers": 0,
-        "remediation": False, "deploy": False}
+        "task_limit": 100, "tasks": ["capitals"], "user_tasks_uri": str(USER_TASKS),
+        "category_drop_pct": {"capitals": 15}, "sensitivity_layers": 0, "remediation": False, "deploy": False}
 PLANTED = plants.SUITE  # plants.BENCH_ONLY run in bench/gate_distributions.py
 
 
@@ -98,9 +100,12 @@ def test_sound_quantization_passes(name, prep):
     calib = pipeline.build_calibration(settings, p, store=Store.local())
     quant = pipeline.run_quantization(settings, p, calib, store=Store.local())
     res = pipeline.run_validation(settings, p, quant, f"planted-sound-{name}", store=Store.local())
-    assert res["verdict"] == "PASS" and res["passed"], (name, res["failed_checks"], res["inconclusive_checks"])
-    assert res["mean_kl"] is not None and res["mean_kl"] < 0.25
     report = _report(res)
+    figures = {c["name"]: (c["verdict"], c["estimate"], c["low"], c["high"], c["limit"], c["n"])
+               for c in report["checks"] if c["verdict"] != "PASS" or c["name"].startswith(("task:", "answers:"))}
+    print(name, "checks (verdict, estimate, low, high, limit, n):", figures)
+    assert res["verdict"] == "PASS" and res["passed"], (name, res["failed_checks"], res["inconclusive_checks"], figures)
+    assert res["mean_kl"] is not None and res["mean_kl"] < 0.25
     assert not [c["name"] for c in report["checks"] if c["group"] in ("weights", "files", "blocks") and c["verdict"] != "PASS"]
     assert all(c["low"] is not None and c["detectable"] is not None for c in report["checks"])
     assert any(c["name"].startswith("task:") for c in report["checks"]) or report["excluded_checks"]

@@ -1,8 +1,8 @@
 """The user's own task folder, end to end on the real small model: chosen by a param, measured on
 baseline and candidate alike, checked with its own tolerance and shown in the report.
 
-The folder (``tests/data/user_tasks``: 40 four-way questions on capital cities, lm-eval YAML with
-its data beside it; plus ``tests/data/user_answers/answers.jsonl``: 24 prompts with the answer
+The folder (``tests/data/user_tasks``: 120 four-way questions on capital cities, lm-eval YAML
+with its data beside it; plus ``tests/data/user_answers/answers.jsonl``: 24 prompts with the answer
 expected) is what a team would bring for its own use case. A checkpoint planted so that
 capital-city tokens answer as one another (``plants.capitals_swapped``) must fail on the user's
 task and on the user's answers; the unchanged model must pass both.
@@ -56,7 +56,7 @@ def test_users_task_catches_what_it_was_written_for(prep, model_dir, tmp_path):
     assert res["verdict"] == "FAIL" and {"task:capitals", "answers:capitals"} <= set(res["failed_checks"]), \
         res["failed_checks"]
     check = {c["name"]: c for c in report["checks"]}["task:capitals"]
-    assert check["limit"] == 15 and check["n"] == 40 and check["low"] > 15, check
+    assert check["limit"] == 15 and check["n"] == CONF["task_limit"] and check["low"] > 15, check
     base = report["accuracy"]["baseline"]["tasks"]["capitals"]
     assert base["category"] == "world capitals (yours)" and base["score"] > 0.8 and base["chance"] == 0.25
     assert pipeline.gate(res) is False

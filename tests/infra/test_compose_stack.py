@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
 DAG = "llm_quantization"
 BUCKET = "quantpipe-artifacts"
-USER_TASKS = REPO / "tests" / "data" / "user_tasks"  # lm-eval YAML + data: 40 capital-city questions
+USER_TASKS = REPO / "tests" / "data" / "user_tasks"  # lm-eval YAML + data: 120 capital-city questions
 # task checks on: the user's own task folder, read from S3 like the users of the stack keep it
 # (the built-in sets sit near chance on the small model and would be excluded with their reason)
 # Generation kept short (the planted suite's settings): the stack's two CPUs are shared by a dozen

@@ -260,7 +260,7 @@ def test_user_task_folder_from_s3_is_staged_and_checked(s3_srv, tmp_path, monkey
     store = Store.remote(fs, f"s3://{s3_srv.bucket}/tests")
     out = pipeline.validate_params({"user_tasks_uri": uri, "tasks": ["capitals"]}, store=store)
     staged = pipeline._user_tasks(uri, store)
-    assert user_tasks.check(staged)["capitals"]["items"] == 40
+    assert user_tasks.check(staged)["capitals"]["items"] == 120
     assert str(staged / "data" / "capitals.jsonl") in (staged / "capitals.yaml").read_text()
     assert out["evaluation"]["user_tasks_uri"] == uri
     with pytest.raises(user_tasks.UserTasksError, match="not a folder|no task YAML|could not fetch"):

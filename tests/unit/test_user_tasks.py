@@ -35,14 +35,14 @@ def test_staged_copy_reads_its_data_wherever_the_worker_runs(folder, tmp_path, m
     staged = user_tasks.stage(str(folder), tmp_path / "cache")
     monkeypatch.chdir(tmp_path)  # lm-eval resolves relative data paths against the working directory
     found = user_tasks.check(staged)
-    assert found["capitals"]["items"] == 40 and found["capitals"]["output_type"] == "multiple_choice"
+    assert found["capitals"]["items"] == 120 and found["capitals"]["output_type"] == "multiple_choice"
     text = (staged / "capitals.yaml").read_text()
     assert str(staged / "data" / "capitals.jsonl") in text
     assert user_tasks.stage(str(folder), tmp_path / "cache") == staged  # same content: same copy
     with open(folder / "data" / "capitals.jsonl", "a") as f:
         f.write(json.dumps({"country": "Nepal", "choices": ["Kathmandu", "Lima", "Oslo", "Rome"], "answer": 0}) + "\n")
     again = user_tasks.stage(str(folder), tmp_path / "cache")
-    assert again != staged and user_tasks.check(again)["capitals"]["items"] == 41  # new content: new key
+    assert again != staged and user_tasks.check(again)["capitals"]["items"] == 121  # new content: new key
 
 
 BROKEN = {
