@@ -35,9 +35,8 @@ from ..settings import Tolerances
 from .answers import answer_flips
 from .metrics import consistency
 from .slices import LATE_CONTEXT, Positions, slice_estimates, slice_masks
-from .stats import Estimate, Verdict, decide, detectable, exact, paired_binary_drop, proportion
 from .blocks import BlockErrors
-from .stats import Z
+from .stats import Z, Estimate, Verdict, decide, detectable, exact, paired_binary_drop, proportion
 from .untouched import UntouchedResult
 
 PER_SLICE = ("kl", "top1", "flips")
